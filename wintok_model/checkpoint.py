@@ -73,11 +73,18 @@ def remap_official_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_state_strict(model: WinTok, sd: dict[str, torch.Tensor], source: str) -> None:
     """Copy every tensor; any missing, unexpected or mis-shaped key is one error listing them all."""
     own = model.state_dict()
+    _check_keys({k: v.shape for k, v in own.items()}, {k: v.shape for k, v in sd.items()}, source)
+    with torch.no_grad():
+        for k, t in own.items():
+            t.copy_(sd[k].to(t.dtype))
+
+
+def _check_keys(own: dict[str, torch.Size], sd: dict[str, torch.Size], source: str) -> None:
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     bad_shape = sorted(
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape)
+        f"{k}: checkpoint {tuple(sd[k])} vs model {tuple(own[k])}"
+        for k in set(own) & set(sd) if tuple(own[k]) != tuple(sd[k])
     )
     if missing or unexpected or bad_shape:
         parts = []
@@ -89,9 +96,6 @@ def load_state_strict(model: WinTok, sd: dict[str, torch.Tensor], source: str) -
             f"{source} does not match the WinTok config ({'; '.join(parts)}). "
             "If this is an official checkpoint, pass the SigLIP config it was trained from as encoder_config."
         )
-    with torch.no_grad():
-        for k, t in own.items():
-            t.copy_(sd[k].to(t.dtype))
 
 
 def _torch_load(path: str, allow_pickle: bool) -> Any:
@@ -109,18 +113,34 @@ def _torch_load(path: str, allow_pickle: bool) -> Any:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".split("\n")[0]) from None
 
 
+# Phrases of torch's weights-only unpickler that mean "this file holds pickled objects/code"
+# (as opposed to "this is not a pickle at all": 'Unsupported operand', 'String is too long').
+_PICKLED_CODE_HINTS = ("global", "reduce for", "new object", "can only build")
+
+
+def _unpickler_reason(msg: str) -> str:
+    """The specific reason in torch's long weights-only error ('Unsupported global: GLOBAL exec ...')."""
+    tail = msg.split("WeightsUnpickler error:", 1)[-1]
+    line = next((ln.strip() for ln in tail.splitlines() if ln.strip()), "")
+    return line.split(". ", 1)[0].rstrip(".") or msg.strip().splitlines()[0]
+
+
 def _refuse_or_unpickle(path: str, allow_pickle: bool, err: Exception) -> Any:
-    if "weights only" not in str(err).lower():
-        raise CheckpointError(f"cannot read checkpoint {path}: not a torch checkpoint ({err})".split("\n")[0])
+    msg = str(err)
+    reason = _unpickler_reason(msg) if msg.strip() else type(err).__name__
+    if "weights only" not in msg.lower() or not any(h in reason.lower() for h in _PICKLED_CODE_HINTS):
+        raise CheckpointError(f"cannot read checkpoint {path}: not a torch checkpoint or corrupt ({reason})")
     if not allow_pickle:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
-            f"refusing to load {path}: it needs pickled code to load ({first}). Weights files should hold "
+            f"refusing to load {path}: it needs pickled code to load ({reason}). Weights files should hold "
             "tensors only. If you trust its source, convert it once with allow_pickle=True "
             "(CLI: --allow-pickle) and use the converted directory."
         ) from None
     warnings.warn(f"loading {path} with pickle enabled: this can run arbitrary code", stacklevel=3)
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".split("\n")[0]) from None
 
 
 def read_official(
@@ -210,7 +230,7 @@ def load_pretrained(directory: str) -> WinTok:
         sd = load_file(w_path)
     except Exception as e:
         raise CheckpointError(f"cannot read {w_path}: {e}") from None
-    model = WinTok(config)
+    model = WinTok(config, init_weights=False)
     load_state_strict(model, sd, w_path)
     return model.eval()
 
@@ -226,7 +246,7 @@ def load_model(spec: str, encoder_config: str | None = None, allow_pickle: bool 
         if spec.endswith(".safetensors"):
             return load_pretrained(os.path.dirname(spec) or ".")
         config, sd = read_official(spec, encoder_config, allow_pickle)
-        model = WinTok(config)
+        model = WinTok(config, init_weights=False)
         load_state_strict(model, sd, spec)
         return model.eval()
     raise CheckpointError(
@@ -251,3 +271,39 @@ def weights_sha256(spec: str) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def check_model(spec: str, encoder_config: str | None = None, allow_pickle: bool = False) -> WinTokConfig:
+    """Validate a model spec without building weights: config readable, keys and shapes match."""
+    if spec in PRESETS and not os.path.exists(spec):
+        return get_preset(spec)
+    if os.path.isdir(spec) or spec.endswith(".safetensors"):
+        directory = spec if os.path.isdir(spec) else (os.path.dirname(spec) or ".")
+        cfg_path, w_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+        if not (os.path.isfile(cfg_path) and os.path.isfile(w_path)):
+            raise CheckpointError(f"{directory} is not a WinTok model directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                config = WinTokConfig.from_dict(json.load(f))
+            from safetensors import safe_open
+
+            with safe_open(w_path, "pt") as f:
+                shapes = {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()}
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"cannot read model directory {directory}: {e}") from None
+        sd = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+        source = w_path
+    elif os.path.isfile(spec):
+        config, sd = read_official(spec, encoder_config, allow_pickle)
+        source = spec
+    else:
+        raise CheckpointError(
+            f"model {spec!r} not found: give a preset ({', '.join(PRESETS)}), a model directory or an official .pth"
+        )
+    with torch.device("meta"):
+        model = WinTok(config, init_weights=False)
+    own = {k: v.shape for k, v in model.state_dict().items()}
+    _check_keys(own, {k: v.shape for k, v in sd.items()}, source)
+    return config

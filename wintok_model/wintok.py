@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,7 +58,7 @@ def _fp32_region(device: torch.device) -> contextlib.AbstractContextManager:
 class WinTok(nn.Module):
     """WinTok tokenizer. Names of the public methods follow the official code."""
 
-    def __init__(self, config: WinTokConfig) -> None:
+    def __init__(self, config: WinTokConfig, init_weights: bool = True) -> None:
         super().__init__()
         self.config = c = config
         self.scaling_layer = ScalingLayer()
@@ -83,7 +84,8 @@ class WinTok(nn.Module):
         )
         self.decode_task_layer_2 = PixelHead(d, c.patch_size)
         self.conv_out = nn.Conv2d(3, 3, 3, padding=1)
-        self.reset_parameters()
+        if init_weights and not self.query_tokens.is_meta:
+            self.reset_parameters()
 
     # ---------------------------------------------------------------- init
     @torch.no_grad()
@@ -105,7 +107,7 @@ class WinTok(nn.Module):
         c = self.config
         self.query_tokens.copy_(torch.randn(self.query_tokens.shape, generator=gen))
         self.query_tokens_pos_embed.copy_(
-            torch.from_numpy(sincos_1d(c.hidden_size, torch.arange(c.num_latent_tokens).numpy())).float()
+            torch.from_numpy(sincos_1d(c.hidden_size, np.arange(c.num_latent_tokens))).float()
         )
         self.decoder_rec_pos_embed.copy_(torch.from_numpy(sincos_2d(c.decoder_hidden_size, c.grid_size)).float())
 

@@ -1,0 +1,1 @@
+"""Runnable job definitions (YAML) for `wintok tokenize --job`."""

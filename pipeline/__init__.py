@@ -1,0 +1,1 @@
+"""Everything that moves data: read shards, decode, run the model, write and commit Parquet."""

@@ -1,0 +1,116 @@
+"""The job: one frozen dataclass. YAML job files and CLI flags both resolve into it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+
+
+class JobConfigError(ValueError):
+    """A job file or flag is wrong; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    inputs: tuple[str, ...] = ()
+    output: str = ""
+    # model(s)
+    model: str | None = "wintok-tiny"
+    encoder_config: str | None = None
+    allow_pickle: bool = False
+    dtype: str = "auto"
+    device: str = "auto"
+    semantic_tokens: bool = False
+    teacher: str | None = None
+    teacher_dtype: str = "auto"
+    teacher_patch_tokens: bool = False
+    compile: bool = False
+    # preprocessing and batching
+    resize: str = "center-crop"
+    max_image_pixels: int = 89_478_485
+    batch_size: int = 64
+    decode_threads: int = 4
+    prefetch: int = 2
+    row_group_rows: int = 1024
+    # cluster
+    address: str | None = None
+    workers: int | None = None          # CPU workers when the cluster has no GPUs
+    gpus_per_worker: float = 1.0
+    # reliability
+    max_retries: int = 3
+    retry_backoff: float = 2.0
+    retry_backoff_max: float = 120.0
+    overwrite: bool = False
+    retry_failed: bool = False
+    # storage (credentials come from the environment or a profile, never from here)
+    s3_endpoint_url: str | None = None
+    s3_profile: str | None = None
+    s3_anon: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.resize not in ("center-crop", "squash"):
+            raise JobConfigError(f"resize must be center-crop or squash, not {self.resize!r}")
+        for name in ("dtype", "teacher_dtype"):
+            if getattr(self, name) not in ("auto", "bf16", "fp32", "fp16"):
+                raise JobConfigError(f"{name} must be auto, bf16 or fp32, not {getattr(self, name)!r}")
+        if self.batch_size < 1 or self.decode_threads < 1 or self.max_retries < 0:
+            raise JobConfigError("batch_size and decode_threads must be >= 1, max_retries >= 0")
+        if self.workers is not None and self.workers < 1:
+            raise JobConfigError("workers must be >= 1")
+        if self.model is None and self.teacher is None:
+            raise JobConfigError("nothing to compute: give --model, --teacher, or both")
+
+    def replace(self, **kw: Any) -> JobConfig:
+        return dataclasses.replace(self, **kw)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The resolved job as saved in `_run.json` (no credentials are ever held here)."""
+        d = dataclasses.asdict(self)
+        d["inputs"] = list(self.inputs)
+        return d
+
+
+FIELD_NAMES = {f.name for f in fields(JobConfig)}
+
+
+def load_job_file(path: str) -> dict[str, Any]:
+    """A YAML job file -> dict of JobConfig fields; unknown keys are an error."""
+    if not os.path.isfile(path):
+        raise JobConfigError(f"job file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise JobConfigError(f"job file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise JobConfigError(f"job file {path} must be a mapping of options")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - FIELD_NAMES)
+    if unknown:
+        raise JobConfigError(f"unknown keys in {path}: {', '.join(unknown)} (known: {', '.join(sorted(FIELD_NAMES))})")
+    if "inputs" in data:
+        v = data["inputs"]
+        data["inputs"] = tuple([v] if isinstance(v, str) else v)
+    return data
+
+
+def resolve(job_file: str | None, overrides: dict[str, Any]) -> JobConfig:
+    """Job file values, then flags that were given (None = not given)."""
+    values: dict[str, Any] = load_job_file(job_file) if job_file else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if "inputs" in values:
+        values["inputs"] = tuple(values["inputs"])
+    try:
+        cfg = JobConfig(**values)
+    except TypeError as e:
+        raise JobConfigError(str(e)) from None
+    if not cfg.inputs:
+        raise JobConfigError("no inputs: give INPUT shards (URLs, globs, brace ranges or a .txt list)")
+    if not cfg.output:
+        raise JobConfigError("no output: give OUTPUT (a local folder or an s3:// URL)")
+    return cfg

@@ -1,0 +1,323 @@
+"""Plan, skip committed shards, schedule on actors, retry, progress, summary.
+
+The driver holds no data: it lists `_manifest/` once (before any input is read), sends one
+shard per actor call, retries failed shards with exponential backoff, re-dispatches the
+shards of actors that died, records shards that exhausted their retries in `_failed/`, and
+returns a summary. Exit status 0 only when every planned shard is committed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import random
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas import SCHEMA_VERSION, FailureRecord, Manifest, fingerprint_digest
+
+from .config import JobConfig
+from .io import Storage, StorageOptions, expand_inputs, input_root, s3_options, shard_stem
+from .runner import ModelSpec
+from .worker import ShardTask, WorkerConfig, make_actor_class
+from .writer import FAILED_DIR, MANIFEST_DIR, failed_rel
+
+log = logging.getLogger("wintok")
+RUN_FILE = "_run.json"
+
+
+class RunRefused(RuntimeError):
+    """The run must not start (fingerprint mismatch, bad model...). One line for the user."""
+
+
+@dataclass
+class Summary:
+    planned: int = 0
+    skipped: int = 0
+    done: int = 0
+    failed: int = 0
+    images: int = 0
+    errors: int = 0
+    errors_by_reason: Counter = field(default_factory=Counter)
+    failures: dict[str, str] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    workers: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and self.done + self.skipped == self.planned
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "shards_planned": self.planned, "shards_done": self.done, "shards_skipped": self.skipped,
+            "shards_failed": self.failed, "images": self.images, "sample_errors": self.errors,
+            "errors_by_reason": dict(self.errors_by_reason), "failed_shards": self.failures,
+            "wall_seconds": round(self.wall_seconds, 2), "workers": self.workers,
+            "images_per_second": round((self.images + self.errors) / self.wall_seconds, 2)
+            if self.wall_seconds > 0 else 0.0,
+        }
+
+    def render(self) -> str:
+        d = self.to_dict()
+        lines = [
+            f"shards: {self.done} done, {self.skipped} skipped (already committed), {self.failed} failed, "
+            f"of {self.planned}",
+            f"images: {self.images} tokenized, {self.errors} sample errors"
+            + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(self.errors_by_reason.items()))})" if self.errors else ""),
+            f"throughput: {d['images_per_second']} img/s over {d['wall_seconds']} s with {self.workers} worker(s)"
+            if self.done or self.failed else "nothing to do: every shard was already committed",
+        ]
+        for stem, why in sorted(self.failures.items()):
+            lines.append(f"FAILED {stem}: {why}")
+        return "\n".join(lines)
+
+
+def storage_options(cfg: JobConfig) -> StorageOptions:
+    return s3_options(cfg.s3_endpoint_url, cfg.s3_profile, cfg.s3_anon)
+
+
+def model_spec(cfg: JobConfig) -> ModelSpec:
+    return ModelSpec(model=cfg.model, encoder_config=cfg.encoder_config, allow_pickle=cfg.allow_pickle,
+                     dtype=cfg.dtype, device=cfg.device, semantic_tokens=cfg.semantic_tokens,
+                     teacher=cfg.teacher, teacher_dtype=cfg.teacher_dtype,
+                     teacher_patch_tokens=cfg.teacher_patch_tokens, compile=cfg.compile)
+
+
+def run_fingerprint(cfg: JobConfig) -> dict[str, Any]:
+    """What determines the output bytes: model + teacher identity, preprocessing, precision, layout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from wintok_model.checkpoint import CheckpointError, check_model, weights_sha256
+
+    fp: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
+    try:
+        fp["package_version"] = version("wintok-pipeline")
+    except PackageNotFoundError:
+        fp["package_version"] = "dev"
+    if cfg.model:
+        try:
+            config = check_model(cfg.model, cfg.encoder_config, cfg.allow_pickle)
+        except CheckpointError as e:
+            raise RunRefused(str(e)) from None
+        fp["model"] = {"config": config.to_dict(), "sha256": weights_sha256(cfg.model),
+                       "name": os.path.basename(cfg.model.rstrip("/"))}
+    if cfg.teacher:
+        fp["teacher"] = _teacher_identity(cfg.teacher)
+        fp["teacher_dtype"] = cfg.teacher_dtype
+        fp["teacher_patch_tokens"] = cfg.teacher_patch_tokens
+    fp["preprocess"] = {"resize": cfg.resize, "max_image_pixels": cfg.max_image_pixels}
+    fp["dtype"] = cfg.dtype
+    fp["semantic_tokens"] = cfg.semantic_tokens
+    return fp
+
+
+def _teacher_identity(spec: str) -> dict[str, Any]:
+    from wintok_model import teachers
+
+    try:
+        return teachers.teacher_identity(spec)
+    except teachers.TeacherError as e:
+        raise RunRefused(str(e)) from None
+
+
+# --------------------------------------------------------------------------- planning
+def plan(cfg: JobConfig, storage: Storage, opts: StorageOptions) -> list[tuple[str, str]]:
+    urls = expand_inputs(cfg.inputs, opts)
+    root = input_root(urls)
+    stems: dict[str, str] = {}
+    for url in urls:
+        stem = shard_stem(url, root)
+        if stem in stems:
+            raise RunRefused(f"inputs {stems[stem]} and {url} would write the same output {stem}")
+        stems[stem] = url
+    return [(url, stem) for stem, url in stems.items()]
+
+
+def check_run_file(storage: Storage, fp: dict[str, Any], cfg: JobConfig) -> None:
+    """Refuse to mix outputs of different models/configs in one OUTPUT, unless overwriting."""
+    digest = fingerprint_digest(fp)
+    exists = storage.exists(RUN_FILE)
+    if exists and not cfg.overwrite:
+        try:
+            old = json.loads(storage.read_text(RUN_FILE))
+        except (ValueError, OSError):
+            old = {}
+        if old.get("fingerprint_sha256") != digest:
+            diff = sorted(k for k in set(fp) | set(old.get("fingerprint", {}))
+                          if fp.get(k) != old.get("fingerprint", {}).get(k))
+            raise RunRefused(
+                f"{storage.url} holds output of a different run (differs in: {', '.join(diff) or 'unknown'}); "
+                "use another OUTPUT, or --overwrite to redo every shard with this configuration"
+            )
+        return  # same run: resume without rewriting anything
+    if cfg.overwrite:
+        for name in storage.list(MANIFEST_DIR):
+            storage.delete(f"{MANIFEST_DIR}/{name}")
+    run = {"fingerprint_sha256": digest, "fingerprint": fp, "job": cfg.public_dict(),
+           "storage": storage_options(cfg).redacted(),
+           "started_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+    storage.put_bytes(json.dumps(run, indent=1, sort_keys=True).encode(), RUN_FILE)
+
+
+def committed_stems(storage: Storage) -> set[str]:
+    return {n[: -len(".json")] for n in storage.list(MANIFEST_DIR) if n.endswith(".json")}
+
+
+def failed_stems(storage: Storage) -> set[str]:
+    return {n[: -len(".json")] for n in storage.list(FAILED_DIR) if n.endswith(".json")}
+
+
+# --------------------------------------------------------------------------- running
+def run_job(cfg: JobConfig) -> Summary:
+    t0 = time.monotonic()
+    opts = storage_options(cfg)
+    storage = Storage(cfg.output, opts)
+    fp = run_fingerprint(cfg)
+    shards = plan(cfg, storage, opts)
+    check_run_file(storage, fp, cfg)
+    done = committed_stems(storage)
+    todo = [(u, s) for u, s in shards if s not in done]
+    if cfg.retry_failed:
+        failed = failed_stems(storage)
+        todo = [(u, s) for u, s in todo if s in failed]
+    summary = Summary(planned=len(shards), skipped=len(shards) - len(todo) if not cfg.retry_failed
+                      else len([1 for _, s in shards if s in done]))
+    if cfg.retry_failed:
+        summary.planned = summary.skipped + len(todo)
+    if todo:
+        _Scheduler(cfg, storage, opts, fp, todo, summary).run()
+    summary.wall_seconds = time.monotonic() - t0
+    return summary
+
+
+class _Scheduler:
+    def __init__(self, cfg: JobConfig, storage: Storage, opts: StorageOptions, fp: dict[str, Any],
+                 todo: list[tuple[str, str]], summary: Summary) -> None:
+        self.cfg, self.storage, self.opts, self.fp, self.summary = cfg, storage, opts, fp, summary
+        self.digest = fingerprint_digest(fp)
+        self.todo = deque(ShardTask(u, s, 1, self.digest) for u, s in todo)
+        self.delayed: list[tuple[float, ShardTask]] = []
+        self.history: dict[str, list[str]] = {}
+
+    def run(self) -> None:
+        import ray
+
+        from .cluster import start_ray, worker_shape
+
+        start_ray(self.cfg)
+        n_workers, num_gpus, num_cpus = worker_shape(self.cfg, len(self.todo))
+        self.summary.workers = n_workers
+        actor_cls = make_actor_class(num_gpus, num_cpus)
+        wcfg = WorkerConfig(
+            output=self.cfg.output, model=model_spec(self.cfg), resize=self.cfg.resize,
+            max_image_pixels=self.cfg.max_image_pixels, batch_size=self.cfg.batch_size,
+            decode_threads=self.cfg.decode_threads, prefetch=self.cfg.prefetch,
+            row_group_rows=self.cfg.row_group_rows, storage=self.opts,
+        )
+        actors = [actor_cls.remote(wcfg) for _ in range(n_workers)]
+        inflight: dict[Any, tuple[Any, ShardTask]] = {}
+        bars = _Progress(len(self.todo), self.cfg.progress)
+        try:
+            while self.todo or self.delayed or inflight:
+                self._release_delayed()
+                for actor in actors:
+                    while self.todo and sum(1 for a, _ in inflight.values() if a is actor) < 2:
+                        task = self.todo.popleft()
+                        inflight[actor.process.remote(task, self.fp)] = (actor, task)
+                if not inflight:
+                    time.sleep(0.05)
+                    continue
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+                for ref in ready:
+                    actor, task = inflight.pop(ref)
+                    try:
+                        result = ray.get(ref)
+                    except Exception as e:  # noqa: BLE001 - actor death, OOM kill, init failure
+                        result = _actor_failure(task, e)
+                    self._handle(task, result, bars)
+        finally:
+            bars.close()
+            for a in actors:
+                ray.kill(a, no_restart=True)
+
+    def _release_delayed(self) -> None:
+        now = time.monotonic()
+        ready = [t for when, t in self.delayed if when <= now]
+        self.delayed = [(w, t) for w, t in self.delayed if w > now]
+        self.todo.extend(ready)
+
+    def _handle(self, task: ShardTask, result: dict[str, Any], bars: _Progress) -> None:
+        if result.get("status") == "ok":
+            m = Manifest.from_json(result["manifest"])
+            self.summary.done += 1
+            self.summary.images += m.rows
+            self.summary.errors += m.errors
+            self.summary.errors_by_reason.update(m.errors_by_reason)
+            self.storage.delete(failed_rel(task.stem))
+            bars.shard_done(m.rows + m.errors)
+            return
+        reason, error = result.get("reason", "unknown"), result.get("error", "")
+        self.history.setdefault(task.stem, []).append(f"attempt {task.attempt}: {reason}: {error[:300]}")
+        if reason == "init_failed":
+            raise RunRefused(f"workers could not start: {error}")
+        if task.attempt <= self.cfg.max_retries:
+            delay = min(self.cfg.retry_backoff * 2 ** (task.attempt - 1), self.cfg.retry_backoff_max)
+            delay *= 0.5 + random.random()
+            nxt = ShardTask(task.url, task.stem, task.attempt + 1, task.run_fingerprint)
+            self.delayed.append((time.monotonic() + delay, nxt))
+            return
+        self.summary.failed += 1
+        self.summary.failures[task.stem] = f"{reason}: {error[:500]}"
+        rec = FailureRecord(task.stem, task.url, reason, error, task.attempt,
+                            dt.datetime.now(dt.timezone.utc).isoformat(), self.history.get(task.stem, []))
+        self.storage.put_bytes(rec.to_json().encode(), failed_rel(task.stem))
+        bars.shard_failed()
+
+
+def _actor_failure(task: ShardTask, e: Exception) -> dict[str, Any]:
+    import ray.exceptions as rex
+
+    text = str(e)
+    if isinstance(e, rex.OutOfMemoryError) or "OutOfMemoryError" in text or "memory monitor" in text.lower():
+        reason = "oom"
+    elif isinstance(e, rex.RayActorError) and "creation task" in text:
+        reason = "init_failed"
+    elif isinstance(e, rex.RayActorError | rex.ActorUnavailableError):
+        reason = "worker_died"
+    else:
+        reason = "worker_error"
+    first = _cause_line(text)
+    return {"status": "failed", "stem": task.stem, "reason": reason, "error": first}
+
+
+def _cause_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln or "error" in ln:
+            return ln[:1000]
+    return (lines[-1] if lines else "unknown")[:1000]
+
+
+class _Progress:
+    """tqdm bars over shards and images, with img/s."""
+
+    def __init__(self, shards: int, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.shards = tqdm(total=shards, desc="shards", unit="shard", disable=not enabled, position=0)
+        self.images = tqdm(desc="images", unit="img", disable=not enabled, position=1)
+
+    def shard_done(self, images: int) -> None:
+        self.shards.update(1)
+        self.images.update(images)
+
+    def shard_failed(self) -> None:
+        self.shards.update(1)
+
+    def close(self) -> None:
+        self.images.close()
+        self.shards.close()

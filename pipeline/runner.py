@@ -1,0 +1,144 @@
+"""Batches of decoded uint8 images -> model(s) -> numpy outputs.
+
+One decoded batch feeds both WinTok and the teacher. Device, precision and memory are
+handled here: uint8 copied once (pinned, non-blocking on CUDA), normalised on the device,
+bf16 autocast on GPUs (the quantiser stays fp32 inside the model), fp32 on CPUs by default.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from schemas import TokenLayout
+
+log = logging.getLogger("wintok")
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to run. Config only: it travels to Ray workers, weights load there."""
+
+    model: str | None = "wintok-tiny"       # preset, our dir, official .pth; None = teacher only
+    encoder_config: str | None = None
+    allow_pickle: bool = False
+    dtype: str = "auto"                     # auto = bf16 on CUDA, fp32 on CPU
+    device: str = "auto"                    # auto | cpu | cuda
+    semantic_tokens: bool = False           # also store the (N, D) semantic tokens
+    teacher: str | None = None
+    teacher_dtype: str = "auto"
+    teacher_patch_tokens: bool = False
+    compile: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device cuda was asked for but no CUDA device is visible to this worker")
+    return torch.device(device)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}: use auto, bf16 or fp32") from None
+
+
+def load_wintok(spec: ModelSpec) -> Any:
+    from wintok_model.checkpoint import load_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if spec.model and spec.model.startswith("wintok-") else "default")
+        return load_model(spec.model, encoder_config=spec.encoder_config, allow_pickle=spec.allow_pickle)
+
+
+class Runner:
+    """Holds the model(s) on one device and turns uint8 batches into output columns."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.device = pick_device(spec.device)
+        self.dtype = pick_dtype(spec.dtype, self.device)
+        self.model = None
+        self.teacher = None
+        if spec.model:
+            self.model = load_wintok(spec).to(self.device).eval()
+            self.model.requires_grad_(False)
+            self._encode = torch.compile(self.model.encode, dynamic=False) if spec.compile else self.model.encode
+        if spec.teacher:
+            from wintok_model.teachers import load_teacher
+
+            tdtype = pick_dtype(spec.teacher_dtype, self.device)
+            self.teacher = load_teacher(spec.teacher, device=self.device, dtype=tdtype)
+        if self.model is None and self.teacher is None:
+            raise ValueError("nothing to run: give a WinTok model, a teacher, or both")
+        self.image_size = self.model.config.image_size if self.model else self.teacher.spec.image_size
+        self.layout = self._probe_layout()
+
+    def _probe_layout(self) -> TokenLayout:
+        kw: dict[str, Any] = {}
+        if self.model is not None:
+            c = self.model.config
+            kw["pixel_ids"] = (c.num_codebooks, c.grid_size, c.grid_size)
+            kw["semantic_dim"] = c.hidden_size
+            if self.spec.semantic_tokens:
+                kw["semantic_tokens"] = (c.num_latent_tokens, c.hidden_size)
+        if self.teacher is not None:
+            probe = torch.zeros(1, self.image_size, self.image_size, 3, dtype=torch.uint8, device=self.device)
+            out = self.teacher(probe, patch_tokens=self.spec.teacher_patch_tokens)
+            kw["teacher_dim"] = int(out["embedding"].shape[-1])
+            if self.spec.teacher_patch_tokens:
+                kw["teacher_patch_tokens"] = tuple(int(s) for s in out["patch_tokens"].shape[1:])
+        return TokenLayout(**kw)
+
+    def fingerprint(self) -> dict[str, Any]:
+        fp: dict[str, Any] = {"dtype": str(self.dtype).replace("torch.", ""), "image_size": self.image_size}
+        if self.model is not None:
+            fp["model_config"] = self.model.config.to_dict()
+        if self.teacher is not None:
+            fp["teacher"] = self.teacher.fingerprint()
+        return fp
+
+    def to_device(self, batch: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(batch)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    @torch.inference_mode()
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """(B, S, S, 3) uint8 -> output columns as numpy arrays (fp32 / int64)."""
+        images = self.to_device(batch)
+        out: dict[str, np.ndarray] = {}
+        if self.model is not None:
+            x = images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+            autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+            with autocast:
+                enc = self._encode(x, with_quant=False)
+            c = self.model.config
+            ids = enc["indices"].view(-1, c.num_codebooks, c.grid_size, c.grid_size)
+            out["pixel_ids"] = ids.to(torch.int32).cpu().numpy()
+            out["semantic_pooled"] = F.normalize(enc["pooler_out"].float(), dim=-1).cpu().numpy()
+            if self.spec.semantic_tokens:
+                out["semantic_tokens"] = enc["query_tokens"].float().cpu().numpy()
+        if self.teacher is not None:
+            t = self.teacher(images, patch_tokens=self.spec.teacher_patch_tokens)
+            out["teacher_embedding"] = t["embedding"].float().cpu().numpy()
+            if self.spec.teacher_patch_tokens:
+                out["teacher_patch_tokens"] = t["patch_tokens"].float().cpu().numpy()
+        return out

@@ -1,0 +1,249 @@
+"""One shard end to end: read -> decode -> encode -> write -> commit.
+
+`ShardProcessor` does the work and is usable without Ray; `TokenizeWorker` is the Ray
+actor around it (models load in the actor, once). Reading and decoding run in a producer
+thread with a bounded decode pool, overlapped with the model in the calling thread; at most
+`prefetch` batches wait between them, so memory is bounded whatever the shard size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+import traceback
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from schemas import tokens_schema
+
+from .io import Storage, StorageOptions, input_info, open_input
+from .preprocess import PreprocessConfig, SampleError, decode_image
+from .reader import RawSample, ShardReadError, iter_samples
+from .runner import ModelSpec, Runner
+from .writer import ShardWriter
+
+log = logging.getLogger("wintok")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker needs; plain data, safe to send to Ray."""
+
+    output: str
+    model: ModelSpec = field(default_factory=ModelSpec)
+    resize: str = "center-crop"
+    max_image_pixels: int = 89_478_485
+    batch_size: int = 64
+    decode_threads: int = 4
+    prefetch: int = 2
+    row_group_rows: int = 1024
+    storage: StorageOptions = field(default_factory=StorageOptions)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("storage")
+        return d
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    url: str
+    stem: str
+    attempt: int
+    run_fingerprint: str
+
+
+@dataclass
+class _Item:
+    sample: RawSample
+    pixels: np.ndarray | None = None
+    width: int = 0
+    height: int = 0
+    error: SampleError | None = None
+
+
+_DONE = object()
+
+
+class ShardProcessor:
+    """Loads the model(s) once; `process` turns one input shard into one committed output."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.runner = Runner(config.model)
+        self.pre = PreprocessConfig(image_size=self.runner.image_size, resize=config.resize,
+                                    max_image_pixels=config.max_image_pixels)
+        self.storage = Storage(config.output, config.storage)
+        self.pool = ThreadPoolExecutor(max(1, config.decode_threads), thread_name_prefix="decode")
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {**self.runner.fingerprint(), "layout": self.runner.layout.to_dict(),
+                "preprocess": {"resize": self.pre.resize, "image_size": self.pre.image_size,
+                               "max_image_pixels": self.pre.max_image_pixels}}
+
+    def process(self, task: ShardTask, fingerprint: dict[str, Any]) -> dict[str, Any]:
+        """Returns {'status': 'ok', 'manifest': json} or {'status': 'failed', 'reason', 'error'}."""
+        t0 = time.monotonic()
+        schema = tokens_schema(self.runner.layout, fingerprint)
+        writer = ShardWriter(self.storage, task.stem, task.url, schema, fingerprint,
+                             row_group_rows=self.config.row_group_rows)
+        try:
+            size, etag = input_info(task.url, self.config.storage)
+            with open_input(task.url, self.config.storage) as stream:
+                self._run(stream, task, writer)
+            manifest = writer.commit(input_size=size, input_etag=etag, attempts=task.attempt,
+                                     seconds=time.monotonic() - t0, run_fingerprint=task.run_fingerprint)
+            return {"status": "ok", "stem": task.stem, "manifest": manifest.to_json()}
+        except ShardReadError as e:
+            writer.discard()
+            return _failure(task, "shard_read", str(e))
+        except FileNotFoundError as e:
+            writer.discard()
+            return _failure(task, "not_found", f"{task.url}: {e}")
+        except OSError as e:
+            writer.discard()
+            return _failure(task, "io", f"{type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 - the driver decides on retries
+            writer.discard()
+            tb = traceback.format_exc(limit=3).strip().splitlines()
+            return _failure(task, "worker_error", f"{type(e).__name__}: {e} | {' / '.join(tb[-3:])}")
+        finally:
+            writer.__exit__()
+
+    # ---------------------------------------------------------------- the shard loop
+    def _run(self, stream: Any, task: ShardTask, writer: ShardWriter) -> None:
+        batches: queue.Queue = queue.Queue(maxsize=max(1, self.config.prefetch))
+        stop = threading.Event()
+        producer = threading.Thread(target=self._produce, args=(stream, task.url, batches, stop),
+                                    name="shard-reader", daemon=True)
+        producer.start()
+        try:
+            while True:
+                item = batches.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                self._consume(item, task, writer)
+        finally:
+            stop.set()
+            while producer.is_alive():
+                try:
+                    batches.get_nowait()
+                except queue.Empty:
+                    producer.join(0.05)
+
+    def _produce(self, stream: Any, url: str, out: queue.Queue, stop: threading.Event) -> None:
+        def put(x: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    out.put(x, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        window: deque[tuple[RawSample, Future | None]] = deque()
+        batch: list[_Item] = []
+        limit = self.config.batch_size * 2
+        try:
+            for sample in iter_samples(stream, url):
+                fut = None if sample.error or sample.image is None else self.pool.submit(decode_image, sample.image, self.pre)
+                window.append((sample, fut))
+                while len(window) > limit or (window and (window[0][1] is None or window[0][1].done())):
+                    batch.append(_resolve(*window.popleft()))
+                    if sum(it.pixels is not None for it in batch) >= self.config.batch_size:
+                        if not put(batch):
+                            return
+                        batch = []
+            while window:
+                batch.append(_resolve(*window.popleft()))
+                if sum(it.pixels is not None for it in batch) >= self.config.batch_size:
+                    if not put(batch):
+                        return
+                    batch = []
+            if batch and not put(batch):
+                return
+            put(_DONE)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer thread
+            for _, f in window:
+                if f is not None:
+                    f.cancel()
+            put(e)
+
+    def _consume(self, items: list[_Item], task: ShardTask, writer: ShardWriter) -> None:
+        good = [it for it in items if it.pixels is not None]
+        for it in items:
+            if it.pixels is None:
+                err = it.error
+                if err is None:
+                    err = SampleError("read", *_split_reason(it.sample.error or "no_image: sample has no image"))
+                writer.add_error(it.sample.key, it.sample.index, err.stage, err.reason, str(err))
+        if not good:
+            return
+        outputs = self.runner.run(np.stack([it.pixels for it in good]))
+        cols: dict[str, Any] = {
+            "key": [it.sample.key for it in good],
+            "shard": [task.url] * len(good),
+            "sample_index": [it.sample.index for it in good],
+            "image_hash": [hashlib.blake2b(it.sample.image, digest_size=16).digest() for it in good],
+            "width": [it.width for it in good],
+            "height": [it.height for it in good],
+            "text": [it.sample.text for it in good],
+            "meta": [it.sample.meta for it in good],
+            **outputs,
+        }
+        writer.add_rows(cols)
+
+
+def _resolve(sample: RawSample, fut: Future | None) -> _Item:
+    if fut is None:
+        return _Item(sample)
+    try:
+        d = fut.result()
+    except SampleError as e:
+        return _Item(sample, error=e)
+    except Exception as e:  # noqa: BLE001 - a decoder bug must not kill the shard
+        return _Item(sample, error=SampleError("decode", "decoder_error", f"{type(e).__name__}: {e}"))
+    return _Item(sample, d.pixels, d.width, d.height)
+
+
+def _split_reason(text: str) -> tuple[str, str]:
+    reason, _, detail = text.partition(":")
+    return (reason.strip() or "read_error"), (detail.strip() or text)
+
+
+def _failure(task: ShardTask, reason: str, error: str) -> dict[str, Any]:
+    log.warning("shard %s attempt %d failed (%s): %s", task.stem, task.attempt, reason, error)
+    return {"status": "failed", "stem": task.stem, "reason": reason, "error": error[:4000]}
+
+
+def make_actor_class(num_gpus: float, num_cpus: float) -> Any:
+    """The Ray actor class with its resources declared (one actor per GPU, or per CPU slot)."""
+    import ray
+
+    @ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=-1, max_task_retries=0)
+    class TokenizeWorker:
+        def __init__(self, config: WorkerConfig) -> None:
+            logging.basicConfig(level=logging.WARNING)
+            self.processor = ShardProcessor(config)
+
+        def fingerprint(self) -> dict[str, Any]:
+            return self.processor.fingerprint()
+
+        def process(self, task: ShardTask, fingerprint: dict[str, Any]) -> dict[str, Any]:
+            return self.processor.process(task, fingerprint)
+
+        def pid(self) -> int:
+            import os
+
+            return os.getpid()
+
+    return TokenizeWorker

@@ -1,0 +1,143 @@
+"""Rows -> Parquet with the explicit schema, and the per-shard commit protocol.
+
+Files are written to a local temporary folder while the shard is processed (memory stays
+bounded: row groups are flushed as they fill), then uploaded whole to their final keys;
+`_manifest/<stem>.json` goes last. A crash at any point leaves either nothing, a complete
+data file without a manifest (not committed: the retry overwrites it), or a commit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import socket
+import tempfile
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas import FileRecord, Manifest, build_rows, errors_schema
+
+from .io import Storage, sha256_file
+
+SHARDS_DIR, ERRORS_DIR, MANIFEST_DIR, FAILED_DIR = "shards", "errors", "_manifest", "_failed"
+FLOAT_NO_DICT = ["semantic_pooled", "semantic_tokens", "teacher_embedding", "teacher_patch_tokens"]
+
+
+def shards_rel(stem: str) -> str:
+    return f"{SHARDS_DIR}/{stem}.parquet"
+
+
+def errors_rel(stem: str) -> str:
+    return f"{ERRORS_DIR}/{stem}.parquet"
+
+
+def manifest_rel(stem: str) -> str:
+    return f"{MANIFEST_DIR}/{stem}.json"
+
+
+def failed_rel(stem: str) -> str:
+    return f"{FAILED_DIR}/{stem}.json"
+
+
+class _ParquetSink:
+    def __init__(self, path: str, schema: pa.Schema, row_group_rows: int) -> None:
+        self.path, self.schema, self.row_group_rows = path, schema, row_group_rows
+        no_dict = [f.name for f in schema if f.name in FLOAT_NO_DICT or isinstance(f.type, pa.FixedShapeTensorType)]
+        self.writer = pq.ParquetWriter(
+            path, schema, compression="zstd",
+            use_dictionary=[f.name for f in schema if f.name not in no_dict],
+            write_statistics=["key", "sample_index", "width", "height"] if "width" in schema.names
+            else ["key", "sample_index"],
+        )
+        self.pending: list[pa.RecordBatch] = []
+        self.pending_rows = 0
+        self.rows = 0
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        if batch.num_rows == 0:
+            return
+        self.pending.append(batch)
+        self.pending_rows += batch.num_rows
+        if self.pending_rows >= self.row_group_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.writer.write_table(pa.Table.from_batches(self.pending, self.schema), self.row_group_rows)
+            self.rows += self.pending_rows
+            self.pending, self.pending_rows = [], 0
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+
+class ShardWriter:
+    """Collects one shard's rows and errors; `commit` uploads data files, then the manifest."""
+
+    def __init__(self, storage: Storage, stem: str, shard_url: str, schema: pa.Schema,
+                 fingerprint: dict[str, Any], row_group_rows: int = 1024, tmp_root: str | None = None) -> None:
+        self.storage, self.stem, self.shard_url = storage, stem, shard_url
+        self.tmpdir = tempfile.mkdtemp(prefix="wintok-shard-", dir=tmp_root)
+        self.rows = _ParquetSink(os.path.join(self.tmpdir, "rows.parquet"), schema, row_group_rows)
+        self.errors_schema = errors_schema(fingerprint)
+        self.error_rows: list[dict[str, Any]] = []
+        self.reasons: Counter[str] = Counter()
+        self.samples = 0
+
+    def add_rows(self, columns: dict[str, Any]) -> None:
+        batch = build_rows(self.rows.schema, columns)
+        self.samples += batch.num_rows
+        self.rows.add(batch)
+
+    def add_error(self, key: str, index: int, stage: str, reason: str, error: str) -> None:
+        self.samples += 1
+        self.reasons[reason] += 1
+        self.error_rows.append({"key": key, "shard": self.shard_url, "sample_index": index,
+                                "stage": stage, "reason": reason, "error": error[:2000]})
+
+    def commit(self, *, input_size: int | None, input_etag: str | None, attempts: int, seconds: float,
+               run_fingerprint: str) -> Manifest:
+        self.rows.close()
+        data_rel = shards_rel(self.stem)
+        shards_file = FileRecord(data_rel, os.path.getsize(self.rows.path), sha256_file(self.rows.path),
+                                 self.rows.rows)
+        errors_file = None
+        if self.error_rows:
+            epath = os.path.join(self.tmpdir, "errors.parquet")
+            table = pa.Table.from_pylist(sorted(self.error_rows, key=lambda r: r["sample_index"]),
+                                         schema=self.errors_schema)
+            pq.write_table(table, epath, compression="zstd")
+            errors_file = FileRecord(errors_rel(self.stem), os.path.getsize(epath), sha256_file(epath),
+                                     table.num_rows)
+            self.storage.put_file(epath, errors_file.path)
+        else:
+            self.storage.delete(errors_rel(self.stem))  # a stale file of an earlier attempt
+        self.storage.put_file(self.rows.path, data_rel)
+        manifest = Manifest(
+            stem=self.stem, input_url=self.shard_url, input_size=input_size, input_etag=input_etag,
+            samples=self.samples, rows=self.rows.rows, errors=len(self.error_rows),
+            shards_file=shards_file, errors_file=errors_file, errors_by_reason=dict(self.reasons),
+            attempts=attempts, seconds=round(seconds, 3), run_fingerprint=run_fingerprint,
+            worker=socket.gethostname(), finished_at=dt.datetime.now(dt.timezone.utc).isoformat(),
+        )
+        self.storage.put_bytes(manifest.to_json().encode(), manifest_rel(self.stem))
+        return manifest
+
+    def discard(self) -> None:
+        """Drop everything written locally; nothing was made visible."""
+        try:
+            self.rows.writer.close()
+        except Exception:
+            pass
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.tmpdir, ignore_errors=True)

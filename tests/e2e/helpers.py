@@ -1,0 +1,46 @@
+"""Reading an OUTPUT back for assertions."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow.parquet as pq
+
+from schemas import column_to_numpy
+
+
+def read_output(output: str) -> dict:
+    """{'rows': {stem: table}, 'errors': {stem: table}, 'manifests': {stem: dict}} of a local OUTPUT."""
+    out: dict = {"rows": {}, "errors": {}, "manifests": {}}
+    for kind, sub, ext in (("rows", "shards", ".parquet"), ("errors", "errors", ".parquet"),
+                           ("manifests", "_manifest", ".json")):
+        base = os.path.join(output, sub)
+        if not os.path.isdir(base):
+            continue
+        for name in sorted(os.listdir(base)):
+            stem = name[: -len(ext)]
+            path = os.path.join(base, name)
+            out[kind][stem] = json.load(open(path)) if ext == ".json" else pq.read_table(path)
+    return out
+
+
+def ids_by_key(tables: dict) -> dict:
+    res = {}
+    for t in tables.values():
+        ids = column_to_numpy(t, "pixel_ids")
+        for k, v in zip(t.column("key").to_pylist(), ids, strict=True):
+            assert k not in res, f"duplicate row for {k}"
+            res[k] = v
+    return res
+
+
+def file_states(root: str) -> dict:
+    """path -> (mtime_ns, size) of every file below root."""
+    states = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            st = os.stat(p)
+            states[p] = (st.st_mtime_ns, st.st_size)
+    return states
