@@ -1,0 +1,252 @@
+"""pipeline.reader: tar stream -> webdataset-style samples, strict about broken shards."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import tarfile
+import tracemalloc
+
+import pytest
+from webdataset.tariterators import base_plus_ext
+
+from pipeline.reader import RawSample, ShardReadError, iter_samples, split_key
+from tests import corpus
+
+
+class NonSeekable(io.RawIOBase):
+    """A read-only stream like an S3 body: no seek/tell, short reads, counts bytes served."""
+
+    def __init__(self, data: bytes, chunk: int = 1000):
+        self._data, self._pos, self._chunk = data, 0, chunk
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def seek(self, *args, **kwargs):
+        raise io.UnsupportedOperation("seek")
+
+    def tell(self):
+        raise io.UnsupportedOperation("tell")
+
+    def readinto(self, b) -> int:
+        n = min(len(b), self._chunk, len(self._data) - self._pos)
+        b[:n] = self._data[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    @property
+    def served(self) -> int:
+        return self._pos
+
+
+def tar_of(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def read_all(data: bytes, **kw) -> list[RawSample]:
+    return list(iter_samples(io.BytesIO(data), "shard-under-test", **kw))
+
+
+def test_good_samples_round_trip():
+    samples = corpus.good_samples(6, seed=3)
+    got = read_all(corpus.tar_bytes(samples))
+    assert [s.key for s in got] == [s["key"] for s in samples]
+    assert [s.index for s in got] == list(range(6))
+    for raw, src in zip(got, samples, strict=True):
+        ext = next(e for e in src["members"] if e in ("jpg", "png"))
+        assert raw.error is None
+        assert raw.image == src["members"][ext] and raw.image_ext == ext
+        assert raw.text == src["members"]["txt"].decode()
+        assert raw.meta == src["members"]["json"].decode()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "000001.jpg",
+        "dir/000001.jpg",
+        "a/b/c.d.e.JPG",
+        "dir.v2/x.txt",
+        "./000007.json",
+        "x.tar.gz",
+        "k.seg.png",
+    ],
+)
+def test_key_rule_matches_webdataset(name):
+    key, ext = split_key(name)
+    wds_key, wds_ext = base_plus_ext(name)
+    assert (key, ext) == (wds_key, wds_ext.lower())
+
+
+def test_grouping_by_path_key():
+    data = tar_of(
+        [("dir/000001.jpg", b"J"), ("dir/000001.txt", b"t"), ("000001.json", b"{}"), ("000001.txt", b"u")]
+    )
+    got = read_all(data)
+    assert [(s.key, s.index) for s in got] == [("dir/000001", 0), ("000001", 1)]
+    assert got[0].image == b"J" and got[0].text == "t" and got[0].meta is None
+    assert got[1].error.startswith("no_image: sample has members [json, txt]")
+    assert got[1].text == "u" and got[1].meta == "{}"
+
+
+def test_image_and_text_priority_and_case():
+    data = tar_of([("a.png", b"P"), ("a.JPG", b"J"), ("a.caption", b"c"), ("a.txt", b"t"), ("a.cls", b"3")])
+    (s,) = read_all(data)
+    assert (s.image, s.image_ext, s.text, s.error) == (b"J", "jpg", "t", None)
+
+
+def test_invalid_utf8_caption_is_replaced_not_dropped():
+    data = tar_of([("k.jpg", b"J"), ("k.txt", "café".encode("latin-1")), ("k.json", b'{"a": "\xff"}')])
+    (s,) = read_all(data)
+    assert s.error is None and s.text == "caf\ufffd" and s.meta == '{"a": "\ufffd"}'
+
+
+def test_nonadjacent_duplicate_keys_and_empty_key_stay_separate():
+    data = tar_of([("a.jpg", b"1"), ("b.jpg", b"2"), ("a.jpg", b"3"), (".jpg", b"4"), ("a.txt", b"5")])
+    got = read_all(data)
+    assert [(s.key, s.index, s.image) for s in got] == [
+        ("a", 0, b"1"), ("b", 1, b"2"), ("a", 2, b"3"), ("", 3, b"4"), ("a", 4, None)
+    ]  # fmt: skip
+    assert got[4].error.startswith("no_image")
+
+
+def test_duplicate_extension_in_group_fails_that_sample_only():
+    data = tar_of([("a.jpg", b"1"), ("a.jpg", b"2"), ("b.jpg", b"3")])
+    got = read_all(data)
+    assert got[0].error.startswith("duplicate_member:") and got[0].image is None
+    assert got[1].key == "b" and got[1].error is None
+
+
+def test_member_without_extension_is_reported():
+    (s,) = read_all(tar_of([("README", b"hello")]))
+    assert s.key == "README" and s.error.startswith("no_image") and "(no extension)" in s.error
+
+
+def test_skips_dirs_links_and_junk():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        d = tarfile.TarInfo("dir")
+        d.type = tarfile.DIRTYPE
+        tf.addfile(d)
+        link = tarfile.TarInfo("dir/link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "x.jpg"
+        tf.addfile(link)
+        for name, payload in [("dir/x.jpg", b"X"), ("dir/._x.jpg", b"junk"), ("__MACOSX/dir/x.jpg", b"junk"),
+                              ("__meta__", b"junk"), ("dir/x.txt", b"cap")]:  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    (s,) = read_all(buf.getvalue())
+    assert (s.key, s.image, s.text, s.error) == ("dir/x", b"X", "cap", None)
+
+
+def test_member_too_large_is_a_sample_error_and_not_read():
+    big = b"\x00" * (8 << 20)
+    data = tar_of([("a.jpg", big), ("a.txt", b"cap"), ("b.jpg", b"ok")])
+    tracemalloc.start()
+    try:
+        got = read_all(data, max_member_bytes=1 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert got[0].error.startswith("member_too_large:") and "a.jpg" in got[0].error
+    assert got[0].image is None
+    assert (got[1].key, got[1].image, got[1].error) == ("b", b"ok", None)
+    assert peak < (2 << 20), f"peak {peak} bytes: the large member was read into memory"
+
+
+def test_non_seekable_stream_yields_before_reading_everything():
+    samples = corpus.good_samples(8, seed=5)
+    data = corpus.tar_bytes(samples)
+    stream = NonSeekable(data, chunk=777)
+    it = iter_samples(stream, "s3://bucket/shard.tar")
+    first = next(it)
+    assert first.key == samples[0]["key"] and stream.served < len(data) // 2
+    rest = list(it)
+    assert [s.key for s in [first, *rest]] == [s["key"] for s in samples]
+
+
+@pytest.mark.parametrize("where", ["mid_member", "boundary", "header"])
+def test_truncated_tar_raises_even_after_yielding(where):
+    data = corpus.truncated_tar_bytes(corpus.good_samples(4, seed=1), where=where)
+    seen = []
+    with pytest.raises(ShardReadError, match="shard-under-test"):
+        for s in iter_samples(NonSeekable(data), "shard-under-test"):
+            seen.append(s.key)
+    assert 0 < len(seen) < 4
+
+
+@pytest.mark.parametrize("cut", [1, 511, 512, 700, 1024])
+def test_truncated_near_start(cut):
+    data = tar_of([("a.jpg", b"x" * 600), ("a.txt", b"t")])
+    with pytest.raises(ShardReadError):
+        read_all(data[:cut])
+
+
+def test_truncated_inside_skipped_member():
+    data = tar_of([("a.jpg", b"x" * 5000), ("b.jpg", b"y")])
+    with pytest.raises(ShardReadError):
+        read_all(data[:3000], max_member_bytes=100)  # a.jpg too large: skipped, not read
+    with pytest.raises(ShardReadError):
+        read_all(tar_of([("a.bin", b"x" * 5000), ("b.jpg", b"y")])[:3000])  # unused member
+
+
+def test_missing_second_end_block_is_accepted():
+    data = tar_of([("a.jpg", b"x")])  # header 512 + data 512 + two zero blocks
+    assert len(read_all(data[: 1024 + 512])) == 1
+    with pytest.raises(ShardReadError, match="end-of-archive"):
+        read_all(data[:1024])
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x00" * 10, corpus.not_a_tar_bytes()])
+def test_not_a_tar(payload):
+    with pytest.raises(ShardReadError, match="bad-shard"):
+        list(iter_samples(io.BytesIO(payload), "bad-shard"))
+
+
+def test_trailing_garbage_after_member_is_corrupt():
+    data = tar_of([("a.jpg", b"x")])[:1024] + b"garbage!" * 100
+    with pytest.raises(ShardReadError, match="invalid member header"):
+        read_all(data)
+
+
+def test_empty_tar_has_no_samples():
+    assert read_all(tar_of([])) == []
+
+
+def test_gzip_tar_and_truncated_gzip():
+    raw = corpus.tar_bytes(corpus.good_samples(3, seed=2))
+    gz = gzip.compress(raw)
+    assert len(read_all(gz)) == 3
+    with pytest.raises(ShardReadError):
+        read_all(gz[: len(gz) // 2])
+
+
+def test_shard_read_error_pickles():
+    err = pickle.loads(pickle.dumps(ShardReadError("s: truncated")))
+    assert isinstance(err, ShardReadError) and str(err) == "s: truncated"
+
+
+def test_make_shards_is_deterministic_and_spreads_broken(tmp_path):
+    paths = corpus.make_shards(tmp_path / "a", n_shards=3, per_shard=4, seed=7, broken=True)
+    again = corpus.make_shards(tmp_path / "b", n_shards=3, per_shard=4, seed=7, broken=True)
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["00000.tar", "00001.tar", "00002.tar"]
+    assert all(open(p, "rb").read() == open(q, "rb").read() for p, q in zip(paths, again, strict=True))
+    keys = []
+    for path in paths:
+        with open(path, "rb") as f:
+            keys += [s.key for s in iter_samples(f, path)]
+    broken = [s["key"] for s in corpus.broken_corpus()]
+    assert sorted(k for k in keys if k.startswith("broken_")) == sorted(broken)
+    assert len(keys) == len(set(keys)) == 12 + len(broken)
