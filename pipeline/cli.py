@@ -47,6 +47,8 @@ def _job_args(p: argparse.ArgumentParser, teacher_only: bool = False) -> None:
     p.add_argument("--s3-endpoint-url")
     p.add_argument("--s3-profile")
     _bool(p, "--s3-anon", "anonymous S3 access")
+    p.add_argument("--s3-key", help="prefer AWS_* variables or --s3-profile; never written anywhere")
+    p.add_argument("--s3-secret", help="prefer AWS_* variables or --s3-profile; never written anywhere")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -92,6 +94,15 @@ def cmd_status(a: argparse.Namespace) -> int:
     return EXIT_OK if s["shards_failed"] == 0 else EXIT_FAILED
 
 
+def cmd_verify(a: argparse.Namespace) -> int:
+    from .io import s3_options
+    from .verify import verify
+
+    report = verify(a.output, s3_options(a.s3_endpoint_url, a.s3_profile, a.s3_anon))
+    print(json.dumps(report.to_dict(), indent=1) if a.json else report.render())
+    return EXIT_OK if report.clean(strict=a.strict) else EXIT_FAILED
+
+
 def cmd_convert(a: argparse.Namespace) -> int:
     from wintok_model.checkpoint import convert_checkpoint
 
@@ -116,14 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("embed", help="teacher embeddings only, same output contract")
     _job_args(e, teacher_only=True)
     e.set_defaults(func=lambda a: cmd_tokenize(a, teacher_only=True))
-    for name, helptext in (("status", "summarise an OUTPUT from its manifests"),):
+    for name, helptext, func in (("status", "summarise an OUTPUT from its manifests", cmd_status),
+                                 ("verify", "check every manifest against its files", cmd_verify)):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("output")
         s.add_argument("--json", action="store_true")
         s.add_argument("--s3-endpoint-url")
         s.add_argument("--s3-profile")
         s.add_argument("--s3-anon", action="store_true")
-        s.set_defaults(func=cmd_status)
+        if name == "verify":
+            s.add_argument("--strict", action="store_true", help="uncommitted leftovers count as problems")
+        s.set_defaults(func=func)
     c = sub.add_parser("convert-checkpoint", help="official WinTok .pth -> model directory (safetensors)")
     c.add_argument("src")
     c.add_argument("out_dir")
@@ -144,13 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     from .config import JobConfigError
     from .driver import RunRefused
     from .io import InputError
+    from .lease import LeaseHeld
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("default")
     a = build_parser().parse_args(argv)
     try:
         return a.func(a)
-    except (JobConfigError, CheckpointError, ConfigError, RunRefused, InputError, FileNotFoundError) as e:
+    except (JobConfigError, CheckpointError, ConfigError, RunRefused, InputError, LeaseHeld,
+            FileNotFoundError) as e:
         print(f"wintok: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -50,6 +50,9 @@ class JobConfig:
     s3_endpoint_url: str | None = None
     s3_profile: str | None = None
     s3_anon: bool = False
+    s3_key: str | None = field(default=None, repr=False)      # prefer AWS_* variables or a profile
+    s3_secret: str | None = field(default=None, repr=False)
+    lease_ttl: float = 60.0
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -72,6 +75,8 @@ class JobConfig:
         """The resolved job as saved in `_run.json` (no credentials are ever held here)."""
         d = dataclasses.asdict(self)
         d["inputs"] = list(self.inputs)
+        for secret in ("s3_key", "s3_secret"):
+            d[secret] = "***" if d[secret] else None
         return d
 
 

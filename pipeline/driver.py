@@ -9,6 +9,7 @@ returns a summary. Exit status 0 only when every planned shard is committed.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from schemas import SCHEMA_VERSION, FailureRecord, Manifest, fingerprint_digest
 
 from .config import JobConfig
 from .io import Storage, StorageOptions, expand_inputs, input_root, s3_options, shard_stem
+from .lease import Lease
 from .runner import ModelSpec
 from .worker import ShardTask, WorkerConfig, make_actor_class
 from .writer import FAILED_DIR, MANIFEST_DIR, failed_rel
@@ -77,7 +79,7 @@ class Summary:
 
 
 def storage_options(cfg: JobConfig) -> StorageOptions:
-    return s3_options(cfg.s3_endpoint_url, cfg.s3_profile, cfg.s3_anon)
+    return s3_options(cfg.s3_endpoint_url, cfg.s3_profile, cfg.s3_anon, cfg.s3_key, cfg.s3_secret)
 
 
 def model_spec(cfg: JobConfig) -> ModelSpec:
@@ -172,24 +174,33 @@ def failed_stems(storage: Storage) -> set[str]:
 
 
 # --------------------------------------------------------------------------- running
-def run_job(cfg: JobConfig) -> Summary:
-    t0 = time.monotonic()
-    opts = storage_options(cfg)
-    storage = Storage(cfg.output, opts)
-    fp = run_fingerprint(cfg)
-    shards = plan(cfg, storage, opts)
-    check_run_file(storage, fp, cfg)
+def _pending(cfg: JobConfig, storage: Storage, shards: list[tuple[str, str]]) -> tuple[list, int]:
     done = committed_stems(storage)
     todo = [(u, s) for u, s in shards if s not in done]
     if cfg.retry_failed:
         failed = failed_stems(storage)
         todo = [(u, s) for u, s in todo if s in failed]
-    summary = Summary(planned=len(shards), skipped=len(shards) - len(todo) if not cfg.retry_failed
-                      else len([1 for _, s in shards if s in done]))
-    if cfg.retry_failed:
-        summary.planned = summary.skipped + len(todo)
-    if todo:
-        _Scheduler(cfg, storage, opts, fp, todo, summary).run()
+    return todo, sum(1 for _, s in shards if s in done)
+
+
+def run_job(cfg: JobConfig) -> Summary:
+    """Plan, resume, run; the summary says what happened (`.ok` iff every planned shard is committed)."""
+    t0 = time.monotonic()
+    opts = storage_options(cfg)
+    storage = Storage(cfg.output, opts)
+    fp = run_fingerprint(cfg)
+    shards = plan(cfg, storage, opts)
+    if storage.exists(RUN_FILE) and not cfg.overwrite:
+        check_run_file(storage, fp, cfg)  # refuses a different run; writes nothing for the same one
+        todo, skipped = _pending(cfg, storage, shards)
+        if not todo:  # nothing to do: no lease, no write
+            return Summary(planned=skipped, skipped=skipped, wall_seconds=time.monotonic() - t0)
+    with Lease(storage, ttl=cfg.lease_ttl):
+        check_run_file(storage, fp, cfg)
+        todo, skipped = _pending(cfg, storage, shards)  # listed once, under the lease
+        summary = Summary(planned=skipped + len(todo) if cfg.retry_failed else len(shards), skipped=skipped)
+        if todo:
+            _Scheduler(cfg, storage, opts, fp, todo, summary).run()
     summary.wall_seconds = time.monotonic() - t0
     return summary
 
@@ -202,6 +213,8 @@ class _Scheduler:
         self.todo = deque(ShardTask(u, s, 1, self.digest) for u, s in todo)
         self.delayed: list[tuple[float, ShardTask]] = []
         self.history: dict[str, list[str]] = {}
+        self.seq: dict[ShardTask, int] = {}
+        self.counter = itertools.count()
 
     def run(self) -> None:
         import ray
@@ -212,37 +225,52 @@ class _Scheduler:
         n_workers, num_gpus, num_cpus = worker_shape(self.cfg, len(self.todo))
         self.summary.workers = n_workers
         actor_cls = make_actor_class(num_gpus, num_cpus)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
         wcfg = WorkerConfig(
             output=self.cfg.output, model=model_spec(self.cfg), resize=self.cfg.resize,
             max_image_pixels=self.cfg.max_image_pixels, batch_size=self.cfg.batch_size,
             decode_threads=self.cfg.decode_threads, prefetch=self.cfg.prefetch,
             row_group_rows=self.cfg.row_group_rows, storage=self.opts,
+            torch_threads=None if num_gpus else max(1, cpus // n_workers),
         )
-        actors = [actor_cls.remote(wcfg) for _ in range(n_workers)]
-        inflight: dict[Any, tuple[Any, ShardTask]] = {}
+        self.pool = _ActorPool(actor_cls, wcfg, n_workers)
+        inflight: dict[Any, tuple[int, ShardTask]] = {}  # insertion order = submission order
         bars = _Progress(len(self.todo), self.cfg.progress)
         try:
             while self.todo or self.delayed or inflight:
                 self._release_delayed()
-                for actor in actors:
-                    while self.todo and sum(1 for a, _ in inflight.values() if a is actor) < 2:
+                self.pool.poll_ready()
+                for slot in self.pool.ready_slots():
+                    while self.todo and sum(1 for s, _ in inflight.values() if s == slot) < 2:
                         task = self.todo.popleft()
-                        inflight[actor.process.remote(task, self.fp)] = (actor, task)
-                if not inflight:
+                        self.seq[task] = next(self.counter)
+                        inflight[self.pool.actors[slot].process.remote(task, self.fp)] = (slot, task)
+                waitable = list(inflight) + self.pool.pending_refs()
+                if not waitable:
                     time.sleep(0.05)
                     continue
-                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
-                for ref in ready:
-                    actor, task = inflight.pop(ref)
+                done, _ = ray.wait(waitable, num_returns=1, timeout=0.5)
+                for ref in done:
+                    if ref not in inflight:
+                        continue  # an actor became ready: dispatched next round
+                    if ref not in inflight:
+                        continue  # already re-queued after its actor died
+                    slot, task = inflight.pop(ref)
                     try:
                         result = ray.get(ref)
-                    except Exception as e:  # noqa: BLE001 - actor death, OOM kill, init failure
+                    except Exception as e:  # noqa: BLE001 - actor death, OOM kill
                         result = _actor_failure(task, e)
+                        if self.pool.replace_if_dead(slot):
+                            # the shard that was running is charged; those queued behind it are not
+                            queued = [r for r, (s_, _) in inflight.items() if s_ == slot]
+                            order = [task] + [inflight.pop(r)[1] for r in queued]
+                            order.sort(key=lambda t: self.seq[t])
+                            task, requeue = order[0], order[1:]
+                            self.todo.extendleft(reversed(requeue))
                     self._handle(task, result, bars)
         finally:
             bars.close()
-            for a in actors:
-                ray.kill(a, no_restart=True)
+            self.pool.shutdown()
 
     def _release_delayed(self) -> None:
         now = time.monotonic()
@@ -262,12 +290,11 @@ class _Scheduler:
             return
         reason, error = result.get("reason", "unknown"), result.get("error", "")
         self.history.setdefault(task.stem, []).append(f"attempt {task.attempt}: {reason}: {error[:300]}")
-        if reason == "init_failed":
-            raise RunRefused(f"workers could not start: {error}")
         if task.attempt <= self.cfg.max_retries:
             delay = min(self.cfg.retry_backoff * 2 ** (task.attempt - 1), self.cfg.retry_backoff_max)
             delay *= 0.5 + random.random()
-            nxt = ShardTask(task.url, task.stem, task.attempt + 1, task.run_fingerprint)
+            safe = task.safe_mode or reason in ("worker_died", "oom")
+            nxt = ShardTask(task.url, task.stem, task.attempt + 1, task.run_fingerprint, safe)
             self.delayed.append((time.monotonic() + delay, nxt))
             return
         self.summary.failed += 1
@@ -278,14 +305,78 @@ class _Scheduler:
         bars.shard_failed()
 
 
+class _ActorPool:
+    """Worker actors by slot. Work goes only to actors that finished loading their models; a
+    dead actor is replaced, and a replacement that cannot be placed (its node is gone and no
+    resources are free) simply never becomes ready while the others carry on."""
+
+    def __init__(self, actor_cls: Any, wcfg: WorkerConfig, n: int) -> None:
+        self.actor_cls, self.wcfg = actor_cls, wcfg
+        self.prefix = f"wintok-worker-{os.getpid()}-{int(time.time())}"
+        self.spawned = 0
+        self.actors: list[Any] = []
+        self.ready: list[bool] = []
+        self.ready_ref: dict[int, Any] = {}
+        for _ in range(n):
+            self.actors.append(None)
+            self.ready.append(False)
+            self._spawn(len(self.actors) - 1)
+
+    def _spawn(self, slot: int) -> None:
+        self.spawned += 1
+        actor = self.actor_cls.options(name=f"{self.prefix}-{self.spawned}").remote(self.wcfg)
+        self.actors[slot], self.ready[slot] = actor, False
+        self.ready_ref[slot] = actor.pid.remote()
+
+    def pending_refs(self) -> list[Any]:
+        return list(self.ready_ref.values())
+
+    def ready_slots(self) -> list[int]:
+        return [i for i, r in enumerate(self.ready) if r]
+
+    def poll_ready(self) -> None:
+        import ray
+
+        if not self.ready_ref:
+            return
+        done, _ = ray.wait(list(self.ready_ref.values()), num_returns=len(self.ready_ref), timeout=0)
+        for slot, ref in list(self.ready_ref.items()):
+            if ref not in done:
+                continue
+            del self.ready_ref[slot]
+            try:
+                ray.get(ref)
+                self.ready[slot] = True
+            except Exception as e:  # noqa: BLE001 - the model could not load on the worker
+                raise RunRefused(f"workers could not start: {_cause_line(str(e))}") from None
+
+    def replace_if_dead(self, slot: int) -> bool:
+        import ray
+
+        try:
+            ray.get(self.actors[slot].pid.remote(), timeout=30)
+            return False
+        except Exception:  # noqa: BLE001 - dead or unreachable: replace it
+            pass
+        ray.kill(self.actors[slot], no_restart=True)
+        self._spawn(slot)
+        return True
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+
+
 def _actor_failure(task: ShardTask, e: Exception) -> dict[str, Any]:
     import ray.exceptions as rex
 
     text = str(e)
-    if isinstance(e, rex.OutOfMemoryError) or "OutOfMemoryError" in text or "memory monitor" in text.lower():
+    low = text.lower()
+    if isinstance(e, rex.OutOfMemoryError) or "outofmemoryerror" in low or "memory pressure" in low \
+            or "memory monitor" in low or "(oom)" in low:
         reason = "oom"
-    elif isinstance(e, rex.RayActorError) and "creation task" in text:
-        reason = "init_failed"
     elif isinstance(e, rex.RayActorError | rex.ActorUnavailableError):
         reason = "worker_died"
     else:

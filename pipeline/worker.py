@@ -23,8 +23,10 @@ import numpy as np
 
 from schemas import tokens_schema
 
+from .faults import failpoint
 from .io import Storage, StorageOptions, input_info, open_input
-from .preprocess import PreprocessConfig, SampleError, decode_image
+from .isolate import IsolatedDecoder, decode_sample
+from .preprocess import PreprocessConfig, SampleError
 from .reader import RawSample, ShardReadError, iter_samples
 from .runner import ModelSpec, Runner
 from .writer import ShardWriter
@@ -44,6 +46,7 @@ class WorkerConfig:
     decode_threads: int = 4
     prefetch: int = 2
     row_group_rows: int = 1024
+    torch_threads: int | None = None
     storage: StorageOptions = field(default_factory=StorageOptions)
 
     def to_dict(self) -> dict[str, Any]:
@@ -58,6 +61,7 @@ class ShardTask:
     stem: str
     attempt: int
     run_fingerprint: str
+    safe_mode: bool = False   # decode in child processes (after a worker died on this shard)
 
 
 @dataclass
@@ -77,6 +81,10 @@ class ShardProcessor:
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
+        if config.torch_threads:
+            import torch
+
+            torch.set_num_threads(config.torch_threads)
         self.runner = Runner(config.model)
         self.pre = PreprocessConfig(image_size=self.runner.image_size, resize=config.resize,
                                     max_image_pixels=config.max_image_pixels)
@@ -91,13 +99,19 @@ class ShardProcessor:
     def process(self, task: ShardTask, fingerprint: dict[str, Any]) -> dict[str, Any]:
         """Returns {'status': 'ok', 'manifest': json} or {'status': 'failed', 'reason', 'error'}."""
         t0 = time.monotonic()
+        failpoint("shard_start", task.stem)
         schema = tokens_schema(self.runner.layout, fingerprint)
         writer = ShardWriter(self.storage, task.stem, task.url, schema, fingerprint,
                              row_group_rows=self.config.row_group_rows)
         try:
             size, etag = input_info(task.url, self.config.storage)
-            with open_input(task.url, self.config.storage) as stream:
-                self._run(stream, task, writer)
+            isolated = IsolatedDecoder(self.config.decode_threads) if task.safe_mode else None
+            try:
+                with open_input(task.url, self.config.storage) as stream:
+                    self._run(stream, task, writer, isolated.decode if isolated else decode_sample)
+            finally:
+                if isolated:
+                    isolated.close()
             manifest = writer.commit(input_size=size, input_etag=etag, attempts=task.attempt,
                                      seconds=time.monotonic() - t0, run_fingerprint=task.run_fingerprint)
             return {"status": "ok", "stem": task.stem, "manifest": manifest.to_json()}
@@ -118,10 +132,10 @@ class ShardProcessor:
             writer.__exit__()
 
     # ---------------------------------------------------------------- the shard loop
-    def _run(self, stream: Any, task: ShardTask, writer: ShardWriter) -> None:
+    def _run(self, stream: Any, task: ShardTask, writer: ShardWriter, decode: Any) -> None:
         batches: queue.Queue = queue.Queue(maxsize=max(1, self.config.prefetch))
         stop = threading.Event()
-        producer = threading.Thread(target=self._produce, args=(stream, task.url, batches, stop),
+        producer = threading.Thread(target=self._produce, args=(stream, task.url, batches, stop, decode),
                                     name="shard-reader", daemon=True)
         producer.start()
         try:
@@ -140,7 +154,7 @@ class ShardProcessor:
                 except queue.Empty:
                     producer.join(0.05)
 
-    def _produce(self, stream: Any, url: str, out: queue.Queue, stop: threading.Event) -> None:
+    def _produce(self, stream: Any, url: str, out: queue.Queue, stop: threading.Event, decode: Any) -> None:
         def put(x: Any) -> bool:
             while not stop.is_set():
                 try:
@@ -155,7 +169,9 @@ class ShardProcessor:
         limit = self.config.batch_size * 2
         try:
             for sample in iter_samples(stream, url):
-                fut = None if sample.error or sample.image is None else self.pool.submit(decode_image, sample.image, self.pre)
+                fut = None
+                if not sample.error and sample.image is not None:
+                    fut = self.pool.submit(decode, sample.key, sample.image, self.pre)
                 window.append((sample, fut))
                 while len(window) > limit or (window and (window[0][1] is None or window[0][1].done())):
                     batch.append(_resolve(*window.popleft()))
@@ -226,10 +242,19 @@ def _failure(task: ShardTask, reason: str, error: str) -> dict[str, Any]:
 
 
 def make_actor_class(num_gpus: float, num_cpus: float) -> Any:
-    """The Ray actor class with its resources declared (one actor per GPU, or per CPU slot)."""
+    """The Ray actor class with its resources declared (one actor per GPU, or per CPU slot).
+
+    Actors are not restarted by Ray: the driver replaces a dead one and re-dispatches its
+    shards. WINTOK_* environment variables of the driver are passed on to the workers.
+    """
+    import os
+
     import ray
 
-    @ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=-1, max_task_retries=0)
+    env = {k: v for k, v in os.environ.items() if k.startswith("WINTOK_")}
+
+    @ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=0, max_task_retries=0,
+                runtime_env={"env_vars": env} if env else None, concurrency_groups={"control": 1})
     class TokenizeWorker:
         def __init__(self, config: WorkerConfig) -> None:
             logging.basicConfig(level=logging.WARNING)
@@ -241,6 +266,11 @@ def make_actor_class(num_gpus: float, num_cpus: float) -> Any:
         def process(self, task: ShardTask, fingerprint: dict[str, Any]) -> dict[str, Any]:
             return self.processor.process(task, fingerprint)
 
+        @ray.method(concurrency_group="control")
+        def node_id(self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
+        @ray.method(concurrency_group="control")  # answers while a shard is being processed
         def pid(self) -> int:
             import os
 

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from schemas import FileRecord, Manifest, build_rows, errors_schema
 
+from .faults import failpoint
 from .io import Storage, sha256_file
 
 SHARDS_DIR, ERRORS_DIR, MANIFEST_DIR, FAILED_DIR = "shards", "errors", "_manifest", "_failed"
@@ -125,6 +126,7 @@ class ShardWriter:
             attempts=attempts, seconds=round(seconds, 3), run_fingerprint=run_fingerprint,
             worker=socket.gethostname(), finished_at=dt.datetime.now(dt.timezone.utc).isoformat(),
         )
+        failpoint("before_manifest", self.stem)
         self.storage.put_bytes(manifest.to_json().encode(), manifest_rel(self.stem))
         return manifest
 
