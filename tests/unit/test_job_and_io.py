@@ -1,0 +1,96 @@
+"""Job files, flags, input expansion and output naming, schemas and the commit record."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.cli import main as cli_main
+from pipeline.config import JobConfigError, load_job_file, resolve
+from pipeline.io import InputError, Storage, expand_inputs, input_root, shard_stem
+from schemas import Manifest, TokenLayout, build_rows, column_to_numpy, read_metadata, tokens_schema
+from schemas.manifest import FileRecord
+
+
+def test_job_file_flags_override_and_unknown_keys(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("inputs: [a.tar, b.tar]\noutput: out\nbatch-size: 32\nresize: squash\n")
+    cfg = resolve(str(job), {"batch_size": 8, "model": None, "resize": None})
+    assert cfg.inputs == ("a.tar", "b.tar") and cfg.batch_size == 8 and cfg.resize == "squash"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("inputs: [a.tar]\noutput: out\nbatchsize: 3\n")
+    with pytest.raises(JobConfigError, match="unknown keys.*batchsize"):
+        load_job_file(str(bad))
+    with pytest.raises(JobConfigError, match="resize"):
+        resolve(None, {"inputs": ("a",), "output": "o", "resize": "stretch"})
+    with pytest.raises(JobConfigError, match="no inputs"):
+        resolve(None, {"output": "o"})
+
+
+def test_cli_user_mistakes_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("inputs: [a.tar]\noutput: out\nnot_an_option: 1\n")
+    assert cli_main(["tokenize", "--job", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wintok: error: unknown keys") and "\n" not in err
+    assert cli_main(["tokenize", str(tmp_path / "nothing-*.tar"), str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "no input matches" in capsys.readouterr().err
+
+
+def test_expand_inputs_braces_globs_lists(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i:05d}.tar").write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "00000.tar").write_bytes(b"x")
+    listing = tmp_path / "shards.txt"
+    listing.write_text(f"# a comment\n{tmp_path}/00002.tar\n\n{tmp_path}/sub/00000.tar\n")
+    urls = expand_inputs([f"{tmp_path}/{{00000..00001}}.tar", f"{tmp_path}/*.tar", str(listing)])
+    assert urls == [f"{tmp_path}/00000.tar", f"{tmp_path}/00001.tar", f"{tmp_path}/00002.tar",
+                    f"{tmp_path}/sub/00000.tar"]
+    root = input_root(urls)
+    assert root == str(tmp_path)
+    assert [shard_stem(u, root) for u in urls] == ["00000", "00001", "00002", "sub/00000"]
+    assert shard_stem("s3://b/ds/part-7.tar", "s3://b/ds") == "part-7"
+    with pytest.raises(InputError):
+        expand_inputs([f"{tmp_path}/missing-*.tar"])
+
+
+def test_storage_put_is_atomic_and_listing_is_fresh(tmp_path):
+    st = Storage(str(tmp_path / "out"))
+    assert st.list("_manifest") == []
+    st.put_bytes(b"one", "_manifest/a.json")
+    st.put_bytes(b"two", "_manifest/sub/b.json")
+    assert st.list("_manifest") == ["a.json", "sub/b.json"]
+    assert st.read_text("_manifest/a.json") == "one"
+    assert not [p for p in (tmp_path / "out" / "_manifest").iterdir() if ".tmp" in p.name]
+
+
+def test_schema_round_trip_with_fixed_shape_tensors():
+    layout = TokenLayout(pixel_ids=(4, 2, 2), semantic_dim=3, teacher_dim=5)
+    schema = tokens_schema(layout, {"model": "x"})
+    ids = np.arange(2 * 16).reshape(2, 4, 2, 2)
+    batch = build_rows(schema, {
+        "key": ["a", "b"], "shard": ["s", "s"], "sample_index": [0, 2], "image_hash": [b"\x01" * 16] * 2,
+        "width": [5, 6], "height": [7, 8], "pixel_ids": ids, "semantic_pooled": np.ones((2, 3)),
+        "teacher_embedding": np.full((2, 5), 0.5), "text": ["t", None], "meta": [None, "{}"]})
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_batches([batch]), buf)
+    table = pq.read_table(pa.BufferReader(buf.getvalue()))
+    assert isinstance(table.schema.field("pixel_ids").type, pa.FixedShapeTensorType)
+    np.testing.assert_array_equal(column_to_numpy(table, "pixel_ids"), ids.astype(np.uint16))
+    assert column_to_numpy(table, "teacher_embedding").dtype == np.float16
+    assert read_metadata(table.schema)["fingerprint"] == {"model": "x"}
+    with pytest.raises(ValueError, match="pixel_ids"):
+        build_rows(schema, {**{f.name: [] for f in schema}, "pixel_ids": np.zeros((1, 4, 3, 3))})
+
+
+def test_manifest_json_round_trip():
+    m = Manifest(stem="a/b", input_url="s3://x/a/b.tar", input_size=10, input_etag="e", samples=3, rows=2,
+                 errors=1, shards_file=FileRecord("shards/a/b.parquet", 5, "ab", 2),
+                 errors_file=FileRecord("errors/a/b.parquet", 4, "cd", 1), errors_by_reason={"empty": 1},
+                 attempts=1, seconds=0.5, run_fingerprint="f")
+    assert Manifest.from_json(m.to_json()) == m
