@@ -95,20 +95,27 @@ def run_fingerprint(cfg: JobConfig) -> dict[str, Any]:
 
     from wintok_model.checkpoint import CheckpointError, check_model, weights_sha256
 
+    from .models import localize
+
+    try:
+        model = localize(cfg.model, storage_options(cfg))
+        teacher = localize(cfg.teacher, storage_options(cfg))
+    except FileNotFoundError as e:
+        raise RunRefused(str(e)) from None
     fp: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
     try:
         fp["package_version"] = version("wintok-pipeline")
     except PackageNotFoundError:
         fp["package_version"] = "dev"
-    if cfg.model:
+    if model:
         try:
-            config = check_model(cfg.model, cfg.encoder_config, cfg.allow_pickle)
+            config = check_model(model, cfg.encoder_config, cfg.allow_pickle)
         except CheckpointError as e:
             raise RunRefused(str(e)) from None
-        fp["model"] = {"config": config.to_dict(), "sha256": weights_sha256(cfg.model),
-                       "name": os.path.basename(cfg.model.rstrip("/"))}
-    if cfg.teacher:
-        fp["teacher"] = _teacher_identity(cfg.teacher)
+        fp["model"] = {"config": config.to_dict(), "sha256": weights_sha256(model),
+                       "name": os.path.basename(model.rstrip("/"))}
+    if teacher:
+        fp["teacher"] = _teacher_identity(teacher)
         fp["teacher_dtype"] = cfg.teacher_dtype
         fp["teacher_patch_tokens"] = cfg.teacher_patch_tokens
     fp["preprocess"] = {"resize": cfg.resize, "max_image_pixels": cfg.max_image_pixels}

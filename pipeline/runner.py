@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -70,7 +70,10 @@ def load_wintok(spec: ModelSpec) -> Any:
 class Runner:
     """Holds the model(s) on one device and turns uint8 batches into output columns."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, storage: Any = None) -> None:
+        from .models import localize
+
+        spec = replace(spec, model=localize(spec.model, storage), teacher=localize(spec.teacher, storage))
         self.spec = spec
         self.device = pick_device(spec.device)
         self.dtype = pick_dtype(spec.dtype, self.device)

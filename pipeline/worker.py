@@ -85,7 +85,7 @@ class ShardProcessor:
             import torch
 
             torch.set_num_threads(config.torch_threads)
-        self.runner = Runner(config.model)
+        self.runner = Runner(config.model, config.storage)
         self.pre = PreprocessConfig(image_size=self.runner.image_size, resize=config.resize,
                                     max_image_pixels=config.max_image_pixels)
         self.storage = Storage(config.output, config.storage)

@@ -73,3 +73,24 @@ def test_missing_s3_input_is_a_clear_failure(s3fs_client, s3_endpoint, ray_sessi
     assert summary.done == 1 and summary.failed == 1 and not summary.ok
     assert summary.failures["00001"].startswith("not_found")
     assert fs.exists("wintok-missing/out/_failed/00001.json")
+
+
+def test_model_on_s3_is_fetched_once_per_machine(s3fs_client, s3_endpoint, ray_session, tiny_model_dir, tmp_path,
+                                                  monkeypatch):
+    fs = s3fs_client
+    _upload(fs, "wintok-models", tmp_path, n_shards=1, per_shard=3, seed=33)
+    fs.put(tiny_model_dir, "wintok-models/models/tiny", recursive=True)
+    monkeypatch.setenv("WINTOK_CACHE", str(tmp_path / "cache"))
+    cfg = JobConfig(inputs=("s3://wintok-models/ds/00000.tar",), output=str(tmp_path / "out"),
+                    model="s3://wintok-models/models/tiny", s3_endpoint_url=s3_endpoint, workers=1,
+                    progress=False)
+    assert run_job(cfg).ok
+    cached = list((tmp_path / "cache" / "models").glob("*/tiny/model.safetensors"))
+    assert len(cached) == 1
+    local = run_job(cfg.replace(output=str(tmp_path / "out-local"), model=tiny_model_dir))
+    assert local.ok
+    from tests.e2e.helpers import read_output
+
+    a = ids_by_key(read_output(str(tmp_path / "out"))["rows"])
+    b = ids_by_key(read_output(str(tmp_path / "out-local"))["rows"])
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
