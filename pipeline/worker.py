@@ -133,19 +133,27 @@ class ShardProcessor:
 
     # ---------------------------------------------------------------- the shard loop
     def _run(self, stream: Any, task: ShardTask, writer: ShardWriter, decode: Any) -> None:
+        """Reader+decode thread -> model (this thread) -> Parquet writer thread, bounded queues between."""
         batches: queue.Queue = queue.Queue(maxsize=max(1, self.config.prefetch))
+        written: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
+        failure: list[BaseException] = []
         producer = threading.Thread(target=self._produce, args=(stream, task.url, batches, stop, decode),
                                     name="shard-reader", daemon=True)
+        sink = threading.Thread(target=self._write_loop, args=(written, task, writer, failure),
+                                name="shard-writer", daemon=True)
         producer.start()
+        sink.start()
         try:
-            while True:
+            while not failure:
                 item = batches.get()
                 if item is _DONE:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                self._consume(item, task, writer)
+                good = [it for it in item if it.pixels is not None]
+                outputs = self.runner.run(np.stack([it.pixels for it in good])) if good else {}
+                written.put((item, good, outputs))
         finally:
             stop.set()
             while producer.is_alive():
@@ -153,6 +161,23 @@ class ShardProcessor:
                     batches.get_nowait()
                 except queue.Empty:
                     producer.join(0.05)
+            written.put(_DONE)
+            sink.join()
+        if failure:
+            raise failure[0]
+
+    def _write_loop(self, written: queue.Queue, task: ShardTask, writer: ShardWriter,
+                    failure: list[BaseException]) -> None:
+        while True:
+            job = written.get()
+            if job is _DONE:
+                return
+            if failure:
+                continue  # drain after a failure
+            try:
+                self._consume(*job, task, writer)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the model thread
+                failure.append(e)
 
     def _produce(self, stream: Any, url: str, out: queue.Queue, stop: threading.Event, decode: Any) -> None:
         def put(x: Any) -> bool:
@@ -194,8 +219,8 @@ class ShardProcessor:
                     f.cancel()
             put(e)
 
-    def _consume(self, items: list[_Item], task: ShardTask, writer: ShardWriter) -> None:
-        good = [it for it in items if it.pixels is not None]
+    def _consume(self, items: list[_Item], good: list[_Item], outputs: dict[str, np.ndarray], task: ShardTask,
+                 writer: ShardWriter) -> None:
         for it in items:
             if it.pixels is None:
                 err = it.error
@@ -204,7 +229,6 @@ class ShardProcessor:
                 writer.add_error(it.sample.key, it.sample.index, err.stage, err.reason, str(err))
         if not good:
             return
-        outputs = self.runner.run(np.stack([it.pixels for it in good]))
         cols: dict[str, Any] = {
             "key": [it.sample.key for it in good],
             "shard": [task.url] * len(good),
