@@ -168,3 +168,25 @@ def test_stale_partial_data_without_manifest_is_redone(tmp_path, ray_session, ti
     out = read_output(str(tmp_path / "out"))
     assert out["rows"]["00001"].num_rows == 3
     shutil.rmtree(tmp_path / "out")
+
+
+def test_cli_job_file_then_status(tmp_path, ray_session, tiny_model_dir, capsys):
+    import json
+
+    from pipeline.cli import main as cli_main
+
+    corpus.make_shards(tmp_path / "in", n_shards=2, per_shard=3, seed=12, broken=False)
+    (tmp_path / "bad.tar").write_bytes(corpus.not_a_tar_bytes())
+    job = tmp_path / "job.yaml"
+    job.write_text(f"inputs:\n  - {tmp_path}/in/{{00000..00001}}.tar\n  - {tmp_path}/bad.tar\n"
+                   f"output: {tmp_path}/out\nmodel: {tiny_model_dir}\nbatch_size: 2\nmax_retries: 0\n"
+                   "workers: 1\nprogress: false\n")
+    rc = cli_main(["tokenize", "--job", str(job), "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert rc == 1 and summary["shards_done"] == 2 and summary["shards_failed"] == 1
+    assert summary["images"] == 6 and list(summary["failed_shards"]) == ["bad"]
+    assert cli_main(["status", str(tmp_path / "out"), "--json"]) == 1
+    st = json.loads(capsys.readouterr().out)
+    assert st["shards_committed"] == 2 and st["images"] == 6 and list(st["failed"]) == ["bad"]
+    run = json.loads((tmp_path / "out" / "_run.json").read_text())
+    assert run["job"]["batch_size"] == 2 and run["fingerprint"]["model"]["name"] == "wintok-tiny"
