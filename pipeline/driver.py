@@ -292,7 +292,10 @@ class _Scheduler:
             self.summary.images += m.rows
             self.summary.errors += m.errors
             self.summary.errors_by_reason.update(m.errors_by_reason)
-            self.storage.delete(failed_rel(task.stem))
+            try:
+                self.storage.delete(failed_rel(task.stem))
+            except OSError as e:
+                log.warning("could not remove the stale failure record of %s: %s", task.stem, e)
             bars.shard_done(m.rows + m.errors)
             return
         reason, error = result.get("reason", "unknown"), result.get("error", "")
@@ -308,7 +311,10 @@ class _Scheduler:
         self.summary.failures[task.stem] = f"{reason}: {error[:500]}"
         rec = FailureRecord(task.stem, task.url, reason, error, task.attempt,
                             dt.datetime.now(dt.timezone.utc).isoformat(), self.history.get(task.stem, []))
-        self.storage.put_bytes(rec.to_json().encode(), failed_rel(task.stem))
+        try:
+            self.storage.put_bytes(rec.to_json().encode(), failed_rel(task.stem))
+        except OSError as e:  # the summary and exit status still report the failure
+            log.error("could not write the failure record of %s: %s", task.stem, e)
         bars.shard_failed()
 
 

@@ -5,18 +5,35 @@
 - Object stores commit an object only when its upload completes, so `put_file` from a
   finished local file never leaves a visible partial object; local and other filesystems
   write to a temporary name and rename.
+- Transient storage errors (503 SlowDown, 5xx, throttling, connection resets, truncated
+  or checksum-failing bodies, timeouts) are retried in layers, each bounded: botocore
+  retries a request (5xx, throttling, connection errors; 5 attempts in its default legacy
+  mode), s3fs redoes a request whose body broke (here 2 tries, not its default 5, since
+  SlowDown was already retried by botocore and this module covers the rest), and this
+  module retries the whole operation under `RetryPolicy` (jittered exponential backoff):
+  a failed upload is redone whole; an input stream is reopened at its offset, pinned to
+  the ETag it started with; a stream that ends before the object's size raises, so a short
+  read is never an EOF. What still fails after the last try is raised as an `OSError`
+  (`StorageIOError`, or the library's own `FileNotFoundError`/`PermissionError`, which are
+  never retried) for the worker to classify; the driver's shard retries come on top.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
+import json
+import logging
 import os
 import posixpath
+import random
 import shutil
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import fsspec
 from braceexpand import braceexpand
@@ -26,17 +43,62 @@ OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 SECRET_KEYS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
                "aws_session_token", "session_token", "client_secret", "sas_token", "account_key"}
 LIST_SUFFIXES = (".txt", ".lst", ".list")
+S3FS_TRIES = 2  # s3fs's own tries per request, unless WINTOK_S3_OPTIONS sets "retries"
+log = logging.getLogger("wintok")
+T = TypeVar("T")
 
 
 class InputError(ValueError):
     """Inputs cannot be found or expanded; the message says which and what to do."""
 
 
+class StorageIOError(OSError):
+    """A storage operation failed for good (a transient error that outlived its retries)."""
+
+
+class ShortReadError(StorageIOError):
+    """An input stream ended before the object's size: never taken as the end of the data."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of transient storage errors done in this module (per operation / read position).
+
+    `retries` extra tries after the first; the n-th waits `backoff * 2**(n-1)` seconds, capped
+    at `backoff_max`, times a jitter factor in [0.5, 1.5). botocore and s3fs retry some errors
+    by themselves first; this is the outer, bounded layer that covers what they give up on.
+    """
+
+    retries: int = 3
+    backoff: float = 0.5
+    backoff_max: float = 10.0
+
+    def delay(self, retry: int) -> float:
+        return min(self.backoff * 2 ** (retry - 1), self.backoff_max) * (0.5 + random.random())
+
+    @classmethod
+    def from_env(cls) -> RetryPolicy:
+        """WINTOK_IO_RETRIES / WINTOK_IO_BACKOFF / WINTOK_IO_BACKOFF_MAX override the defaults."""
+        d = cls()
+        try:
+            return cls(retries=max(0, int(os.environ.get("WINTOK_IO_RETRIES", d.retries))),
+                       backoff=max(0.0, float(os.environ.get("WINTOK_IO_BACKOFF", d.backoff))),
+                       backoff_max=max(0.0, float(os.environ.get("WINTOK_IO_BACKOFF_MAX", d.backoff_max))))
+        except ValueError as e:
+            raise InputError(f"bad WINTOK_IO_* retry setting: {e}") from None
+
+
 @dataclass(frozen=True)
 class StorageOptions:
-    """fsspec options per protocol. Credentials may be inside; never log or persist `options`."""
+    """fsspec options per protocol. Credentials may be inside; never log or persist `options`.
+
+    `retry`: the retry policy of this module; `upload_chunksize`: the multipart part size for
+    object-store uploads (files of at least twice this size go multipart; None: s3fs default).
+    """
 
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    upload_chunksize: int | None = None
 
     def for_url(self, url: str) -> dict[str, Any]:
         proto = protocol_of(url)
@@ -52,8 +114,21 @@ class StorageOptions:
 
 def s3_options(endpoint_url: str | None = None, profile: str | None = None, anon: bool = False,
                key: str | None = None, secret: str | None = None) -> StorageOptions:
-    """S3 settings from flags; AWS_* environment variables are read by botocore itself."""
+    """S3 settings from flags; AWS_* environment variables are read by botocore itself.
+
+    Read here, where the run starts, and shipped to the workers with the options:
+    WINTOK_S3_OPTIONS (a JSON object of extra s3fs options, e.g. ``{"retries": 10,
+    "config_kwargs": {"retries": {"mode": "adaptive", "max_attempts": 10}}}``: s3fs's tries per
+    request and botocore's retry config; flags win),
+    WINTOK_S3_UPLOAD_CHUNKSIZE (multipart part size in bytes) and WINTOK_IO_* (`RetryPolicy`).
+    """
     o: dict[str, Any] = {}
+    extra = os.environ.get("WINTOK_S3_OPTIONS")
+    if extra:
+        try:
+            o.update(json.loads(extra))
+        except (ValueError, TypeError) as e:
+            raise InputError(f"WINTOK_S3_OPTIONS is not a JSON object: {e}") from None
     endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint_url:
         o["endpoint_url"] = endpoint_url
@@ -65,7 +140,13 @@ def s3_options(endpoint_url: str | None = None, profile: str | None = None, anon
         o["key"] = key
     if secret:
         o["secret"] = secret
-    return StorageOptions({"s3": o, "s3a": o} if o else {})
+    chunk = os.environ.get("WINTOK_S3_UPLOAD_CHUNKSIZE")
+    try:
+        upload_chunksize = int(chunk) if chunk else None
+    except ValueError:
+        raise InputError(f"WINTOK_S3_UPLOAD_CHUNKSIZE must be a number of bytes, not {chunk!r}") from None
+    return StorageOptions({"s3": o, "s3a": o} if o else {}, retry=RetryPolicy.from_env(),
+                          upload_chunksize=upload_chunksize)
 
 
 def protocol_of(url: str) -> str:
@@ -74,8 +155,129 @@ def protocol_of(url: str) -> str:
 
 def get_fs(url: str, storage: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     opts = (storage or StorageOptions()).for_url(url)
+    # s3fs takes its tries per request (its default: 5) only as an attribute
+    s3fs_retries = opts.pop("retries", S3FS_TRIES) if protocol_of(url) in ("s3", "s3a") else None
     fs, path = url_to_fs(url, skip_instance_cache=True, **opts)
+    if s3fs_retries is not None:
+        fs.retries = max(1, int(s3fs_retries))
     return fs, path
+
+
+# --------------------------------------------------------------------------- transient errors
+TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                   "TooManyRequestsException", "ProvisionedThroughputExceededException",
+                   "BandwidthLimitExceeded", "RequestThrottled", "RequestTimeout", "InternalError",
+                   "ServiceUnavailable", "OperationAborted",
+                   # an upload body damaged or cut in transit: sending it again is the fix
+                   "XAmzContentSHA256Mismatch", "BadDigest", "IncompleteBody"}
+TRANSIENT_STATUS = {429, 500, 502, 503, 504}
+PERSISTENT_NAMES = {"SSLError", "SSLCertVerificationError", "ClientSSLError", "ClientConnectorSSLError",
+                    "ClientConnectorCertificateError", "FileExpired"}
+TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.EPIPE, errno.ETIMEDOUT,
+                    errno.EAGAIN, errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO)}
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [TimeoutError, ConnectionError, ShortReadError]
+    try:
+        import botocore.exceptions as bx
+
+        types += [bx.HTTPClientError, bx.ConnectionError, bx.IncompleteReadError]
+        # a body that does not match its checksum (e.g. cut short with a consistent length)
+        types += [getattr(bx, n) for n in ("FlexibleChecksumError", "ChecksumError") if hasattr(bx, n)]
+    except ImportError:  # pragma: no cover - only with s3fs
+        pass
+    try:
+        import aiohttp
+
+        types += [aiohttp.ClientPayloadError, aiohttp.ClientConnectionError]
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from http.client import IncompleteRead
+
+        from fsspec.exceptions import FSTimeoutError
+
+        types += [IncompleteRead, FSTimeoutError]
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from urllib3.exceptions import ProtocolError
+
+        types.append(ProtocolError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+_TRANSIENT: tuple[type[BaseException], ...] | None = None
+
+
+def _chain(exc: BaseException) -> Iterable[BaseException]:
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__
+
+
+def _service_error(exc: BaseException) -> tuple[int | None, str | None]:
+    """(HTTP status, error code) of a botocore ClientError in exc's cause chain."""
+    for e in _chain(exc):
+        resp = getattr(e, "response", None)
+        if isinstance(resp, dict) and "Error" in resp:
+            status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return (int(status) if status else None), resp["Error"].get("Code")
+    return None, None
+
+
+def is_transient(exc: BaseException, *, upload: bool = False) -> bool:
+    """True for errors worth retrying: throttling, 5xx, resets, timeouts, short reads.
+
+    Not found, access denied, bad requests, TLS errors and an input that changed while it
+    was read are persistent. With `upload=True` a vanished multipart upload (NoSuchUpload,
+    e.g. after a lost CompleteMultipartUpload response) is retried too: the whole upload
+    is redone under the same key.
+    """
+    global _TRANSIENT
+    if _TRANSIENT is None:
+        _TRANSIENT = _transient_types()
+    status, code = _service_error(exc)
+    if code is not None or status is not None:
+        if upload and code == "NoSuchUpload":
+            return True
+        return code in TRANSIENT_CODES or status in TRANSIENT_STATUS
+    for e in _chain(exc):
+        if type(e).__name__ in PERSISTENT_NAMES:
+            return False
+        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            return False
+        if isinstance(e, _TRANSIENT):
+            return True
+        if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
+            return True
+    return False
+
+
+def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy, *, upload: bool = False) -> T:
+    """fn() with transient errors retried under `policy`; the last error is raised as an OSError."""
+    retry = 0
+    while True:
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - classified right here
+            if not is_transient(e, upload=upload):
+                raise
+            if retry >= policy.retries:
+                err = StorageIOError(getattr(e, "errno", None) or errno.EIO,
+                                     f"{what} failed after {retry + 1} tries: {type(e).__name__}: {e}")
+                raise err from e
+            retry += 1
+            wait = policy.delay(retry)
+            log.warning("transient storage error on %s (try %d of %d), retrying in %.2fs: %s: %s",
+                        what, retry, policy.retries + 1, wait, type(e).__name__, str(e)[:300])
+            time.sleep(wait)
 
 
 def _unstrip(fs: fsspec.AbstractFileSystem, url: str, path: str) -> str:
@@ -92,7 +294,8 @@ def expand_inputs(patterns: Iterable[str], storage: StorageOptions | None = None
         for url in braceexpand(pattern):
             if any(ch in url for ch in "*?["):
                 fs, path = get_fs(url, storage)
-                found = sorted(fs.glob(path))
+                found = sorted(with_retries(lambda fs=fs, path=path: fs.glob(path), f"listing {url}",
+                                            _policy(storage)))
                 if not found:
                     raise InputError(f"no input matches {url!r}: check the path and the glob")
                 out.extend(_unstrip(fs, url, p) for p in found)
@@ -108,7 +311,7 @@ def expand_inputs(patterns: Iterable[str], storage: StorageOptions | None = None
 def _read_list(url: str, storage: StorageOptions | None) -> list[str]:
     fs, path = get_fs(url, storage)
     try:
-        text = fs.cat_file(path).decode("utf-8")
+        text = with_retries(lambda: fs.cat_file(path), f"reading {url}", _policy(storage)).decode("utf-8")
     except FileNotFoundError:
         raise InputError(f"shard list {url!r} not found") from None
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
@@ -120,7 +323,7 @@ def input_root(urls: list[str]) -> str:
         return urls[0].rsplit("/", 1)[0] if "/" in urls[0] else ""
     parts = [u.split("/") for u in urls]
     common: list[str] = []
-    for segs in zip(*(p[:-1] for p in parts)):
+    for segs in zip(*(p[:-1] for p in parts), strict=False):
         if all(s == segs[0] for s in segs):
             common.append(segs[0])
         else:
@@ -139,20 +342,122 @@ def shard_stem(url: str, root: str) -> str:
     return rel
 
 
+def _policy(storage: StorageOptions | None) -> RetryPolicy:
+    return storage.retry if storage is not None else RetryPolicy()
+
+
+def _etag(info: dict[str, Any]) -> str | None:
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    return str(etag).strip('"') if etag else None
+
+
+class ResilientInput(io.RawIOBase):
+    """A sequential read of one object that survives transient errors.
+
+    On a transient error (or a read that returns nothing before `size`) the underlying
+    fsspec file is dropped and reopened at the current offset, after a backoff, up to
+    `policy.retries` times in a row; the reopened object must carry the same ETag, so bytes
+    of two versions are never mixed. The stream never ends early: a short object raises
+    `ShortReadError` (an OSError) instead of returning EOF.
+    """
+
+    def __init__(self, url: str, opener: Callable[[], Any], policy: RetryPolicy) -> None:
+        super().__init__()
+        self.url, self._opener, self.policy = url, opener, policy
+        self.pos = 0
+        self.reopens = 0
+        self._f: Any = None
+        self._f = with_retries(self._open_at_start, f"opening {url}", policy)
+        self.size: int | None = getattr(self._f, "size", None)
+        self.etag: str | None = _etag(getattr(self._f, "details", None) or {})
+
+    def _open_at_start(self) -> Any:
+        return self._opener()
+
+    def _reopen(self) -> Any:
+        f = self._opener()
+        etag = _etag(getattr(f, "details", None) or {})
+        if self.etag and etag and etag != self.etag:
+            f.close()
+            raise StorageIOError(errno.ESTALE, f"{self.url} changed while it was read "
+                                               f"(ETag {self.etag} -> {etag}); not mixing two versions")
+        if self.pos:
+            f.seek(self.pos)
+        return f
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        want = len(view)
+        if want == 0 or (self.size is not None and self.pos >= self.size):
+            return 0
+        retry = 0
+        while True:
+            try:
+                if self._f is None:
+                    self._f = self._reopen()
+                    self.reopens += 1
+                data = self._f.read(want)
+                if not data and self.size is not None and self.pos < self.size:
+                    raise ShortReadError(errno.EIO, f"{self.url}: stream ended at byte {self.pos} "
+                                                    f"of {self.size}")
+                view[: len(data)] = data
+                self.pos += len(data)
+                return len(data)
+            except Exception as e:  # noqa: BLE001 - classified right here
+                self._drop()
+                if not is_transient(e):
+                    raise
+                if retry >= self.policy.retries:
+                    raise StorageIOError(getattr(e, "errno", None) or errno.EIO,
+                                         f"reading {self.url} at byte {self.pos} failed after {retry + 1} "
+                                         f"tries: {type(e).__name__}: {e}") from e
+                retry += 1
+                wait = self.policy.delay(retry)
+                log.warning("transient error reading %s at byte %d (try %d of %d), reopening in %.2fs: %s: %s",
+                            self.url, self.pos, retry, self.policy.retries + 1, wait, type(e).__name__,
+                            str(e)[:300])
+                time.sleep(wait)
+
+    def _drop(self) -> None:
+        f, self._f = self._f, None
+        if f is not None:
+            try:
+                f.close()
+            except Exception:  # noqa: BLE001 - a broken stream may fail to close
+                pass
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+
 def open_input(url: str, storage: StorageOptions | None = None, block_size: int = 8 << 20) -> BinaryIO:
-    """A streaming read of one input shard (no full local copy)."""
+    """A streaming read of one input shard (no full local copy).
+
+    Object stores: a `ResilientInput` over a readahead-cached fsspec file (transient errors
+    retried, reopened at the offset, short streams raise). Local files: opened as they are.
+    """
     fs, path = get_fs(url, storage)
     if protocol_of(url) in OBJECT_STORES:
-        return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
+        def opener() -> Any:
+            fs.invalidate_cache(path)
+            return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
+
+        return ResilientInput(url, opener, _policy(storage))  # type: ignore[return-value]
     return fs.open(path, "rb")
 
 
 def input_info(url: str, storage: StorageOptions | None = None) -> tuple[int | None, str | None]:
     """(size, etag) of an input shard."""
     fs, path = get_fs(url, storage)
-    info = fs.info(path)
-    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
-    return info.get("size"), (str(etag).strip('"') if etag else None)
+    info = with_retries(lambda: fs.info(path), f"stat {url}", _policy(storage))
+    return info.get("size"), _etag(info)
 
 
 def sha256_file(path: str) -> str:
@@ -164,12 +469,17 @@ def sha256_file(path: str) -> str:
 
 
 class Storage:
-    """OUTPUT root: relative paths in, atomic whole-object writes, listing without caches."""
+    """OUTPUT root: relative paths in, atomic whole-object writes, listing without caches.
+
+    Every operation retries transient errors under the storage options' `RetryPolicy`.
+    """
 
     def __init__(self, url: str, storage: StorageOptions | None = None) -> None:
         self.url = url.rstrip("/")
         self.fs, self.root = get_fs(self.url, storage)
         self.protocol = protocol_of(self.url)
+        self.policy = _policy(storage)
+        self.upload_chunksize = storage.upload_chunksize if storage is not None else None
 
     def path(self, rel: str) -> str:
         return posixpath.join(self.root, rel) if self.root else rel
@@ -177,30 +487,45 @@ class Storage:
     def url_of(self, rel: str) -> str:
         return f"{self.url}/{rel}"
 
+    def _retry(self, fn: Callable[[], T], what: str, rel: str, upload: bool = False) -> T:
+        return with_retries(fn, f"{what} {self.url_of(rel)}", self.policy, upload=upload)
+
     def exists(self, rel: str) -> bool:
-        self.fs.invalidate_cache()
-        return self.fs.exists(self.path(rel))
+        def go() -> bool:
+            self.fs.invalidate_cache()
+            return self.fs.exists(self.path(rel))
+
+        return self._retry(go, "checking", rel)
 
     def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self.path(rel))
+        return self._retry(lambda: self.fs.cat_file(self.path(rel)), "reading", rel)
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
 
     def open_read(self, rel: str) -> BinaryIO:
-        return self.fs.open(self.path(rel), "rb")
+        return self._retry(lambda: self.fs.open(self.path(rel), "rb"), "opening", rel)
 
     def list(self, rel_dir: str) -> list[str]:
         """Names of files below rel_dir (recursive, relative to it), read fresh, never from a cache."""
         base = self.path(rel_dir).rstrip("/")
-        self.fs.invalidate_cache()
-        if not self.fs.exists(base):
-            return []
-        names = self.fs.find(base, withdirs=False)
+
+        def go() -> list[str]:
+            self.fs.invalidate_cache()
+            if not self.fs.exists(base):
+                return []
+            return self.fs.find(base, withdirs=False)
+
+        names = self._retry(go, "listing", rel_dir)
         return sorted(n[len(base):].lstrip("/") for n in names)
 
     def put_file(self, local_path: str, rel: str) -> None:
-        """Upload a finished local file so that the destination is either absent, old or complete."""
+        """Upload a finished local file so that the destination is either absent, old or complete.
+
+        Object stores: one PUT, or a multipart upload (files of at least twice the part size)
+        that becomes visible only on CompleteMultipartUpload and is aborted on failure; a
+        failed upload is redone whole. Other filesystems: a temporary name, then a rename.
+        """
         dest = self.path(rel)
         if self.protocol == "file":
             os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -214,16 +539,20 @@ class Storage:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
         elif self.protocol in OBJECT_STORES:
-            self.fs.put_file(local_path, dest)
+            kw: dict[str, Any] = {}
+            if self.upload_chunksize and self.protocol in ("s3", "s3a"):
+                kw["chunksize"] = self.upload_chunksize
+            self._retry(lambda: self.fs.put_file(local_path, dest, **kw), "uploading", rel, upload=True)
         else:
             tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
-            self.fs.put_file(local_path, tmp)
-            self.fs.mv(tmp, dest)
+            self._retry(lambda: self.fs.put_file(local_path, tmp), "uploading", rel, upload=True)
+            self._retry(lambda: self.fs.mv(tmp, dest), "renaming", rel)
 
     def put_bytes(self, data: bytes, rel: str) -> None:
         dest = self.path(rel)
         if self.protocol in OBJECT_STORES:
-            self.fs.pipe_file(dest, data)  # a single PUT: all or nothing
+            # a single PUT (small data): all or nothing
+            self._retry(lambda: self.fs.pipe_file(dest, data), "writing", rel, upload=True)
             return
         import tempfile
 
@@ -235,10 +564,13 @@ class Storage:
             os.unlink(f.name)
 
     def delete(self, rel: str) -> None:
-        try:
-            self.fs.rm_file(self.path(rel))
-        except FileNotFoundError:
-            pass
+        def go() -> None:
+            try:
+                self.fs.rm_file(self.path(rel))
+            except FileNotFoundError:
+                pass
+
+        self._retry(go, "deleting", rel)
 
     def size(self, rel: str) -> int:
-        return int(self.fs.info(self.path(rel))["size"])
+        return int(self._retry(lambda: self.fs.info(self.path(rel)), "stat", rel)["size"])

@@ -100,6 +100,9 @@ class Lease:
             rec = self._read()
             if rec is None:
                 continue  # released in between: try again
+            if rec and rec.get("run_id") == self.run_id:
+                self._start_heartbeat()  # our create went through but its response was lost
+                return
             if not self._stale(rec):
                 age = time.time() - float(rec.get("heartbeat_at", 0))
                 raise LeaseHeld(

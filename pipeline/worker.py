@@ -104,10 +104,13 @@ class ShardProcessor:
         writer = ShardWriter(self.storage, task.stem, task.url, schema, fingerprint,
                              row_group_rows=self.config.row_group_rows)
         try:
-            size, etag = input_info(task.url, self.config.storage)
             isolated = IsolatedDecoder(self.config.decode_threads) if task.safe_mode else None
             try:
                 with open_input(task.url, self.config.storage) as stream:
+                    # size and ETag of the bytes actually read (the stream refuses a changed object)
+                    size, etag = getattr(stream, "size", None), getattr(stream, "etag", None)
+                    if size is None:
+                        size, etag = input_info(task.url, self.config.storage)
                     self._run(stream, task, writer, isolated.decode if isolated else decode_sample)
             finally:
                 if isolated:
