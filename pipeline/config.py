@@ -46,7 +46,7 @@ class JobConfig:
     retry_backoff_max: float = 120.0
     overwrite: bool = False
     retry_failed: bool = False
-    # storage (credentials come from the environment or a profile, never from here)
+    # storage: credentials best come from AWS_* variables or a profile; s3_key/s3_secret are never written out
     s3_endpoint_url: str | None = None
     s3_profile: str | None = None
     s3_anon: bool = False

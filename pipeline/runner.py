@@ -118,14 +118,25 @@ class Runner:
         return fp
 
     def to_device(self, batch: np.ndarray) -> torch.Tensor:
+        """uint8 batch onto the device: on CUDA through one reused pinned buffer, non-blocking."""
         t = torch.from_numpy(batch)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+        if self.device.type != "cuda":
+            return t
+        buf = getattr(self, "_pinned", None)
+        if buf is None or buf.shape[0] < t.shape[0] or buf.shape[1:] != t.shape[1:]:
+            buf = self._pinned = torch.empty(t.shape, dtype=torch.uint8).pin_memory()
+        view = buf[: t.shape[0]]
+        view.copy_(t)  # the previous batch's copy finished: run() synchronised on its outputs
+        return view.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """(B, S, S, 3) uint8 -> output columns as numpy arrays (fp32 / int64)."""
+        n = batch.shape[0]
+        if self.spec.compile and self.device.type == "cuda" and getattr(self, "_static_b", n) > n:
+            # keep shapes static for the compiled graph: pad the last, short batch
+            batch = np.concatenate([batch, np.zeros((self._static_b - n, *batch.shape[1:]), batch.dtype)])
+        self._static_b = max(getattr(self, "_static_b", 0), batch.shape[0])
         images = self.to_device(batch)
         out: dict[str, np.ndarray] = {}
         if self.model is not None:
@@ -144,4 +155,4 @@ class Runner:
             out["teacher_embedding"] = t["embedding"].float().cpu().numpy()
             if self.spec.teacher_patch_tokens:
                 out["teacher_patch_tokens"] = t["patch_tokens"].float().cpu().numpy()
-        return out
+        return {k: v[:n] for k, v in out.items()}
