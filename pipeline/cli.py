@@ -40,6 +40,7 @@ def _job_args(p: argparse.ArgumentParser, teacher_only: bool = False) -> None:
     p.add_argument("--decode-threads", type=int)
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--workers", type=int, help="CPU workers when there are no GPUs")
+    p.add_argument("--torch-threads", type=int, help="intra-op threads of each CPU worker")
     p.add_argument("--max-retries", type=int)
     p.add_argument("--retry-backoff", type=float, help="seconds before the first retry (doubles each time)")
     _bool(p, "--overwrite", "redo every shard even if OUTPUT holds a different run")

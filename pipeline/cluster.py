@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 from .config import JobConfig
 
@@ -17,7 +18,9 @@ def start_ray(cfg: JobConfig) -> None:
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}}
+    # MALLOC_ARENA_MAX: without it glibc's per-thread arenas let a long-lived worker's RSS creep
+    # up shard after shard (measured: 310 -> 840 MiB over 40 shards; flat at ~510 MiB with 2)
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "MALLOC_ARENA_MAX": "2"}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True, logging_level=logging.WARNING)
     else:
@@ -25,16 +28,29 @@ def start_ray(cfg: JobConfig) -> None:
                  logging_level=logging.WARNING, configure_logging=True)
 
 
-def worker_shape(cfg: JobConfig, shards: int) -> tuple[int, float, float]:
-    """(actors, num_gpus each, num_cpus each): one actor per GPU; CPU actors when there are none."""
+@dataclass(frozen=True)
+class WorkerShape:
+    actors: int
+    num_gpus: float
+    num_cpus: float
+    decode_threads: int
+    torch_threads: int | None
+
+
+def worker_shape(cfg: JobConfig, shards: int) -> WorkerShape:
+    """One actor per GPU (its CPU share for decoding); CPU actors when there are none."""
     import ray
 
     res = ray.cluster_resources()
     gpus = int(res.get("GPU", 0))
-    cpus = int(res.get("CPU", 1))
+    cpus = max(1, int(res.get("CPU", 1)))
     if gpus and cfg.device != "cpu":
         per = cfg.gpus_per_worker
-        n = max(1, int(gpus / per))
-        return max(1, min(n, shards)), per, 1.0
-    n = cfg.workers or max(1, cpus // 4)
-    return max(1, min(n, shards)), 0.0, 1.0
+        n = max(1, min(int(gpus / per), shards))
+        share = max(1, int(cpus * per / gpus))
+        decode = cfg.decode_threads or max(4, share - 2)
+        return WorkerShape(n, per, float(max(1, min(decode, share - 1))), decode, None)
+    n = max(1, min(cfg.workers or max(1, cpus // 4), shards))
+    share = max(1, cpus // n)
+    decode = cfg.decode_threads or max(2, share // 2)
+    return WorkerShape(n, 0.0, 1.0, decode, cfg.torch_threads or share)

@@ -33,12 +33,13 @@ class JobConfig:
     resize: str = "center-crop"
     max_image_pixels: int = 89_478_485
     batch_size: int = 64
-    decode_threads: int = 4
+    decode_threads: int | None = None   # None: CPUs per GPU - 2 on GPU workers, half a CPU worker's share
     prefetch: int = 2
     row_group_rows: int = 1024
     # cluster
     address: str | None = None
     workers: int | None = None          # CPU workers when the cluster has no GPUs
+    torch_threads: int | None = None    # CPU workers: intra-op threads (default: the worker's CPU share)
     gpus_per_worker: float = 1.0
     # reliability
     max_retries: int = 3
@@ -61,8 +62,9 @@ class JobConfig:
         for name in ("dtype", "teacher_dtype"):
             if getattr(self, name) not in ("auto", "bf16", "fp32", "fp16"):
                 raise JobConfigError(f"{name} must be auto, bf16 or fp32, not {getattr(self, name)!r}")
-        if self.batch_size < 1 or self.decode_threads < 1 or self.max_retries < 0:
-            raise JobConfigError("batch_size and decode_threads must be >= 1, max_retries >= 0")
+        if self.batch_size < 1 or (self.decode_threads or 1) < 1 or self.max_retries < 0 \
+                or (self.torch_threads or 1) < 1:
+            raise JobConfigError("batch_size, decode_threads and torch_threads must be >= 1, max_retries >= 0")
         if self.workers is not None and self.workers < 1:
             raise JobConfigError("workers must be >= 1")
         if self.model is None and self.teacher is None:

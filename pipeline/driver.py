@@ -229,16 +229,15 @@ class _Scheduler:
         from .cluster import start_ray, worker_shape
 
         start_ray(self.cfg)
-        n_workers, num_gpus, num_cpus = worker_shape(self.cfg, len(self.todo))
+        shape = worker_shape(self.cfg, len(self.todo))
+        n_workers = shape.actors
         self.summary.workers = n_workers
-        actor_cls = make_actor_class(num_gpus, num_cpus)
-        cpus = int(ray.cluster_resources().get("CPU", 1))
+        actor_cls = make_actor_class(shape.num_gpus, shape.num_cpus)
         wcfg = WorkerConfig(
             output=self.cfg.output, model=model_spec(self.cfg), resize=self.cfg.resize,
             max_image_pixels=self.cfg.max_image_pixels, batch_size=self.cfg.batch_size,
-            decode_threads=self.cfg.decode_threads, prefetch=self.cfg.prefetch,
-            row_group_rows=self.cfg.row_group_rows, storage=self.opts,
-            torch_threads=None if num_gpus else max(1, cpus // n_workers),
+            decode_threads=shape.decode_threads, prefetch=self.cfg.prefetch,
+            row_group_rows=self.cfg.row_group_rows, storage=self.opts, torch_threads=shape.torch_threads,
         )
         self.pool = _ActorPool(actor_cls, wcfg, n_workers)
         inflight: dict[Any, tuple[int, ShardTask]] = {}  # insertion order = submission order

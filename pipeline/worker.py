@@ -194,7 +194,19 @@ class ShardProcessor:
 
         window: deque[tuple[RawSample, Future | None]] = deque()
         batch: list[_Item] = []
+        decoded = 0  # images in `batch`
         limit = self.config.batch_size * 2
+
+        def take() -> bool:
+            nonlocal batch, decoded
+            item = _resolve(*window.popleft())
+            batch.append(item)
+            decoded += item.pixels is not None
+            if decoded < self.config.batch_size:
+                return True
+            full, batch, decoded = batch, [], 0
+            return put(full)
+
         try:
             for sample in iter_samples(stream, url):
                 fut = None
@@ -202,17 +214,11 @@ class ShardProcessor:
                     fut = self.pool.submit(decode, sample.key, sample.image, self.pre)
                 window.append((sample, fut))
                 while len(window) > limit or (window and (window[0][1] is None or window[0][1].done())):
-                    batch.append(_resolve(*window.popleft()))
-                    if sum(it.pixels is not None for it in batch) >= self.config.batch_size:
-                        if not put(batch):
-                            return
-                        batch = []
-            while window:
-                batch.append(_resolve(*window.popleft()))
-                if sum(it.pixels is not None for it in batch) >= self.config.batch_size:
-                    if not put(batch):
+                    if not take():
                         return
-                    batch = []
+            while window:
+                if not take():
+                    return
             if batch and not put(batch):
                 return
             put(_DONE)
@@ -278,10 +284,10 @@ def make_actor_class(num_gpus: float, num_cpus: float) -> Any:
 
     import ray
 
-    env = {k: v for k, v in os.environ.items() if k.startswith("WINTOK_")}
+    env = {"MALLOC_ARENA_MAX": "2", **{k: v for k, v in os.environ.items() if k.startswith("WINTOK_")}}
 
     @ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=0, max_task_retries=0,
-                runtime_env={"env_vars": env} if env else None, concurrency_groups={"control": 1})
+                runtime_env={"env_vars": env}, concurrency_groups={"control": 1})
     class TokenizeWorker:
         def __init__(self, config: WorkerConfig) -> None:
             logging.basicConfig(level=logging.WARNING)
