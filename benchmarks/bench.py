@@ -162,6 +162,14 @@ def corpus(work: Path, images: int, shard_size: int, pool_size: int, seed: int, 
     return info
 
 
+def _decode_threads(p: dict) -> int:
+    """The pipeline's count: as given, else what `pipeline.cluster.worker_shape` picks for one CPU worker."""
+    if p.get("decode_threads"):
+        return int(p["decode_threads"])
+    share = max(1, (os.cpu_count() or 1) // (p.get("workers") or 1))
+    return max(2, share // 2)
+
+
 def shard_urls(info: dict[str, Any]) -> list[str]:
     return sorted(str(p) for p in Path(info["folder"]).glob("*.tar"))
 
@@ -593,7 +601,7 @@ def sec_decode(p: dict[str, Any]) -> dict[str, Any]:
     from pipeline.reader import iter_samples
 
     urls = shard_urls(p["corpus"])
-    size, B, threads = p["image_size"], p["batch_size"], p["decode_threads"]
+    size, B, threads = p["image_size"], p["batch_size"], _decode_threads(p)
     pre = PreprocessConfig(image_size=size)
     n = 0
     t0 = time.perf_counter()
@@ -643,7 +651,7 @@ def sec_inproc(p: dict[str, Any]) -> dict[str, Any]:
     digest = fingerprint_digest(fp)
     t_load = time.perf_counter()
     proc = W.ShardProcessor(W.WorkerConfig(output=out, model=model_spec(cfg), batch_size=cfg.batch_size,
-                                           decode_threads=cfg.decode_threads, prefetch=cfg.prefetch,
+                                           decode_threads=_decode_threads(p), prefetch=cfg.prefetch,
                                            row_group_rows=cfg.row_group_rows))
     load_s = time.perf_counter() - t_load
     spent = {"model": 0.0, "write": 0.0, "consume": 0.0}
@@ -1061,7 +1069,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-plain", action="store_true", help="with --teacher: run only the '+teacher' variants")
     ap.add_argument("--batch-size", type=int, default=JobConfig.batch_size)
     ap.add_argument("--decode-threads", type=int, default=JobConfig.decode_threads,
-                    help="decode threads of the pipeline, used for the decode section too (default: JobConfig's)")
+                    help="decode threads of the pipeline, used for the decode section too (default: the pipeline's)")
     ap.add_argument("--workers", type=int, default=None, help="pipeline CPU workers (default: the pipeline's)")
     ap.add_argument("--loader-workers", type=int, default=None, help="naive DataLoader workers (default: CPU count)")
     ap.add_argument("--compile", action="store_true", help="JobConfig.compile=True for the pipeline section")
