@@ -31,6 +31,10 @@ def test_node_lost_while_busy(tmp_path, tiny_model_dir):
     assert s["shards_done"] == 6 and s["shards_failed"] == 0
     assert s["images"] == 24 and s["sample_errors"] == 0
     assert res["verify_problems"] == []
+    from tests.e2e.test_faults import record
+
+    record("node lost", "a node holding a busy worker removed (2-node Cluster)",
+           "its shards re-dispatched to the other node", "<= 2", 0, 0, res["recovery_seconds"])
 
 
 def test_worker_killed_for_memory_is_bounded(tmp_path, tiny_model_dir):
@@ -40,3 +44,8 @@ def test_worker_killed_for_memory_is_bounded(tmp_path, tiny_model_dir):
     assert s["failed_shards"]["00001"].startswith("oom"), res
     assert res["failed_record"]["reason"] == "oom" and res["failed_record"]["attempts"] == 3
     assert res["verify_problems"] == []
+    from tests.e2e.test_faults import record
+
+    record("worker killed for memory", "Ray's memory monitor kills the worker on every try of one shard",
+           "3 attempts, then failed with reason oom; the other shards committed", "3", 0, 0,
+           f"gave up after {res['seconds']}")
