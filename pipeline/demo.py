@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import tarfile
 
 from .io import Storage
@@ -85,6 +86,6 @@ def run_demo(directory: str, workers: int | None = None) -> int:
     print(render(status(output)))
     first = Storage(output).path("shards/00000.parquet")
     print(f"\noutput: {output}\nread it with:\n"
-          f"  python -c \"import pyarrow.parquet as pq; t = pq.read_table('{first}'); "
+          f"  {sys.executable} -c \"import pyarrow.parquet as pq; t = pq.read_table('{first}'); "
           f"print(t.schema); print(t.column('pixel_ids').combine_chunks().to_numpy_ndarray().shape)\"")
     return 0 if summary.ok else 1

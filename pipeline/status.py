@@ -62,7 +62,7 @@ def render(s: dict[str, Any]) -> str:
         f"images: {s['images']} tokenized, {s['sample_errors']} sample errors"
         + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(s['errors_by_reason'].items()))})"
            if s["sample_errors"] else ""),
-        f"output: {s['output_bytes'] / 1e6:.1f} MB; {s['images_per_worker_second']} img/s per worker",
+        f"output: {s['output_bytes'] / 1e6:.2f} MB; {s['images_per_worker_second']} img/s per worker-second",
     ]
     lines += [f"FAILED {k}: {v}" for k, v in sorted(s["failed"].items())]
     return "\n".join(lines)
