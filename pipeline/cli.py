@@ -60,7 +60,7 @@ def _job_from_args(a: argparse.Namespace, teacher_only: bool) -> Any:
     paths = list(a.paths)
     output = a.output
     if output is None and paths:
-        output = paths.pop() if (len(paths) > 1 or not a.job) else paths.pop()
+        output = paths.pop()  # INPUT... OUTPUT: the last positional is the output
     overrides = {k: v for k, v in vars(a).items()
                  if k not in ("paths", "job", "json", "cmd", "func", "no_tokenizer")}
     overrides["output"] = output
