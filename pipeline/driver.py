@@ -26,10 +26,9 @@ from .io import Storage, StorageOptions, expand_inputs, input_root, s3_options, 
 from .lease import Lease
 from .runner import ModelSpec
 from .worker import ShardTask, WorkerConfig, make_actor_class
-from .writer import FAILED_DIR, MANIFEST_DIR, failed_rel
+from .writer import FAILED_DIR, MANIFEST_DIR, RUN_FILE, failed_rel
 
 log = logging.getLogger("wintok")
-RUN_FILE = "_run.json"
 
 
 class RunRefused(RuntimeError):

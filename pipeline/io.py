@@ -503,9 +503,6 @@ class Storage:
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
 
-    def open_read(self, rel: str) -> BinaryIO:
-        return self._retry(lambda: self.fs.open(self.path(rel), "rb"), "opening", rel)
-
     def list(self, rel_dir: str) -> list[str]:
         """Names of files below rel_dir (recursive, relative to it), read fresh, never from a cache."""
         base = self.path(rel_dir).rstrip("/")
@@ -571,6 +568,3 @@ class Storage:
                 pass
 
         self._retry(go, "deleting", rel)
-
-    def size(self, rel: str) -> int:
-        return int(self._retry(lambda: self.fs.info(self.path(rel)), "stat", rel)["size"])

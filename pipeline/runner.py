@@ -109,14 +109,6 @@ class Runner:
                 kw["teacher_patch_tokens"] = tuple(int(s) for s in out["patch_tokens"].shape[1:])
         return TokenLayout(**kw)
 
-    def fingerprint(self) -> dict[str, Any]:
-        fp: dict[str, Any] = {"dtype": str(self.dtype).replace("torch.", ""), "image_size": self.image_size}
-        if self.model is not None:
-            fp["model_config"] = self.model.config.to_dict()
-        if self.teacher is not None:
-            fp["teacher"] = self.teacher.fingerprint()
-        return fp
-
     def to_device(self, batch: np.ndarray) -> torch.Tensor:
         """uint8 batch onto the device: on CUDA through one reused pinned buffer, non-blocking."""
         t = torch.from_numpy(batch)

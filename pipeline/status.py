@@ -10,9 +10,7 @@ from typing import Any
 from schemas import FailureRecord, Manifest
 
 from .io import Storage, StorageOptions
-from .writer import FAILED_DIR, MANIFEST_DIR
-
-RUN_FILE = "_run.json"
+from .writer import FAILED_DIR, MANIFEST_DIR, RUN_FILE
 
 
 def read_manifests(storage: Storage, threads: int = 16) -> list[Manifest]:

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 from schemas import SCHEMA_VERSION, Manifest, read_metadata
 
 from .io import Storage, StorageOptions
-from .status import RUN_FILE, read_manifests
-from .writer import ERRORS_DIR, SHARDS_DIR
+from .status import read_manifests
+from .writer import ERRORS_DIR, RUN_FILE, SHARDS_DIR
 
 
 @dataclass

@@ -25,7 +25,7 @@ from .faults import failpoint
 from .io import Storage, sha256_file
 
 SHARDS_DIR, ERRORS_DIR, MANIFEST_DIR, FAILED_DIR = "shards", "errors", "_manifest", "_failed"
-FLOAT_NO_DICT = ["semantic_pooled", "semantic_tokens", "teacher_embedding", "teacher_patch_tokens"]
+RUN_FILE = "_run.json"
 
 
 def shards_rel(stem: str) -> str:
@@ -47,10 +47,9 @@ def failed_rel(stem: str) -> str:
 class _ParquetSink:
     def __init__(self, path: str, schema: pa.Schema, row_group_rows: int) -> None:
         self.path, self.schema, self.row_group_rows = path, schema, row_group_rows
-        no_dict = [f.name for f in schema if f.name in FLOAT_NO_DICT or isinstance(f.type, pa.FixedShapeTensorType)]
-        self.writer = pq.ParquetWriter(
+        self.writer = pq.ParquetWriter(  # ids and floats (all tensor columns) without dictionaries
             path, schema, compression="zstd",
-            use_dictionary=[f.name for f in schema if f.name not in no_dict],
+            use_dictionary=[f.name for f in schema if not isinstance(f.type, pa.FixedShapeTensorType)],
             write_statistics=["key", "sample_index", "width", "height"] if "width" in schema.names
             else ["key", "sample_index"],
         )
@@ -131,15 +130,12 @@ class ShardWriter:
         return manifest
 
     def discard(self) -> None:
-        """Drop everything written locally; nothing was made visible."""
+        """Abandon the shard: nothing was made visible; `cleanup` removes the local files."""
         try:
             self.rows.writer.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - a half-written local file is being thrown away
             pass
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
 
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
+    def cleanup(self) -> None:
+        """Remove the local temporary folder (after a commit or a discard)."""
         shutil.rmtree(self.tmpdir, ignore_errors=True)

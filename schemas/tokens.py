@@ -83,9 +83,6 @@ def read_metadata(schema: pa.Schema) -> dict[str, Any]:
     return json.loads(raw) if raw else {}
 
 
-# Column name -> numpy dtype used when filling it.
-FLOAT_COLUMNS = ("semantic_pooled", "semantic_tokens", "teacher_embedding", "teacher_patch_tokens")
-
 
 def build_rows(schema: pa.Schema, columns: dict[str, Any]) -> pa.RecordBatch:
     """A record batch from plain python lists / numpy arrays, in the schema's order and types."""

@@ -178,17 +178,7 @@ def load_teacher(spec: str, device: str | torch.device = "cpu", dtype: torch.dty
     `pooling` defaults to pooler_output (SigLIP/SigLIP2), cls (DINOv2) or image_embeds (CLIP).
     Raises TeacherError, without any network access, when the teacher is missing or unusable.
     """
-    folder = _resolve(spec)
-    cfg = _read_json(folder / "config.json", spec)
-    model_type = cfg.get("model_type")
-    if model_type not in _MODEL_TYPES:
-        raise TeacherError(f"teacher {spec!r}: unsupported model_type {model_type!r} in config.json; "
-                           f"supported: {', '.join(sorted(_MODEL_TYPES))}")
-    kind, class_name = _MODEL_TYPES[model_type]
-    pooling = pooling or _POOLINGS[kind][0]
-    if pooling not in _POOLINGS[kind]:
-        raise TeacherError(f"teacher {spec!r}: pooling {pooling!r} is not available for {kind}; "
-                           f"choose one of {', '.join(_POOLINGS[kind])}")
+    folder, cfg, kind, class_name, pooling = _identify(spec, pooling)
     weights_sha = _weights_sha256(folder, spec)
     model = _load_vision_model(folder, spec, cfg, kind, class_name, pooling, dtype)
     model.to(torch.device(device)).eval().requires_grad_(False)
@@ -205,6 +195,22 @@ def load_teacher(spec: str, device: str | torch.device = "cpu", dtype: torch.dty
     interpolate = kind in ("siglip", "clip") and size != vcfg.image_size
     return Teacher(model, tspec, short_edge=short_edge, mode=mode, patch_size=vcfg.patch_size,
                    skip_tokens=skip, interpolate_pos=interpolate)
+
+
+def _identify(spec: str, pooling: str | None) -> tuple[Path, dict[str, Any], str, str, str]:
+    """(folder, config, kind, transformers class name, pooling) of a teacher, checked."""
+    folder = _resolve(spec)
+    cfg = _read_json(folder / "config.json", spec)
+    model_type = cfg.get("model_type")
+    if model_type not in _MODEL_TYPES:
+        raise TeacherError(f"teacher {spec!r}: unsupported model_type {model_type!r} in config.json; "
+                           f"supported: {', '.join(sorted(_MODEL_TYPES))}")
+    kind, class_name = _MODEL_TYPES[model_type]
+    pooling = pooling or _POOLINGS[kind][0]
+    if pooling not in _POOLINGS[kind]:
+        raise TeacherError(f"teacher {spec!r}: pooling {pooling!r} is not available for {kind}; "
+                           f"choose one of {', '.join(_POOLINGS[kind])}")
+    return folder, cfg, kind, class_name, pooling
 
 
 def _resolve(spec: str) -> Path:
@@ -382,14 +388,7 @@ def teacher_identity(spec: str, pooling: str | None = None) -> dict[str, Any]:
     Raises TeacherError (no network) when the teacher is missing or unsupported, so a bad
     `--teacher` stops a run before any work starts.
     """
-    folder = _resolve(spec)
-    cfg = _read_json(folder / "config.json", spec)
-    model_type = cfg.get("model_type")
-    if model_type not in _MODEL_TYPES:
-        raise TeacherError(f"teacher {spec!r}: unsupported model_type {model_type!r} in config.json; "
-                           f"supported: {', '.join(sorted(_MODEL_TYPES))}")
-    kind = _MODEL_TYPES[model_type][0]
-    pooling = pooling or _POOLINGS[kind][0]
+    folder, cfg, kind, _, pooling = _identify(spec, pooling)
     preproc = folder / "preprocessor_config.json"
     return {"name": os.path.basename(str(spec).rstrip("/")), "kind": kind, "pooling": pooling,
             "config_sha256": _config_sha256(cfg), "weights_sha256": _weights_sha256(folder, spec),

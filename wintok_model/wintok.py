@@ -10,7 +10,6 @@ Input images are RGB in [-1, 1].
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -192,8 +191,3 @@ class WinTok(nn.Module):
         from .checkpoint import save_pretrained
 
         save_pretrained(self, directory)
-
-    def encoder_parameters(self) -> Iterator[nn.Parameter]:
-        for name, p in self.named_parameters():
-            if not name.startswith(("decoder", "decode_task", "conv_out", "post_quant_proj")):
-                yield p
