@@ -37,7 +37,9 @@ def _job_args(p: argparse.ArgumentParser, teacher_only: bool = False) -> None:
     p.add_argument("--resize", choices=["center-crop", "squash"])
     p.add_argument("--max-image-pixels", type=int)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--decode-threads", type=int)
+    p.add_argument("--decode-threads", type=int, help="decoders per worker (threads or processes)")
+    p.add_argument("--decode-mode", choices=["auto", "threads", "processes"],
+                   help="decode in threads of the worker or in child processes (auto: processes on GPU workers)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--workers", type=int, help="CPU workers when there are no GPUs")
     p.add_argument("--torch-threads", type=int, help="intra-op threads of each CPU worker")

@@ -33,6 +33,7 @@ class WorkerShape:
     num_cpus: float
     decode_threads: int
     torch_threads: int | None
+    decode_mode: str = "threads"
 
 
 def worker_shape(cfg: JobConfig, shards: int) -> WorkerShape:
@@ -40,15 +41,19 @@ def worker_shape(cfg: JobConfig, shards: int) -> WorkerShape:
     import ray
 
     res = ray.cluster_resources()
-    gpus = int(res.get("GPU", 0))
-    cpus = max(1, int(res.get("CPU", 1)))
+    return shape_for(cfg, shards, cpus=max(1, int(res.get("CPU", 1))), gpus=int(res.get("GPU", 0)))
+
+
+def shape_for(cfg: JobConfig, shards: int, cpus: int, gpus: int) -> WorkerShape:
     if gpus and cfg.device != "cpu":
         per = cfg.gpus_per_worker
         n = max(1, min(int(gpus / per), shards))
         share = max(1, int(cpus * per / gpus))
         decode = cfg.decode_threads or max(4, share - 2)
-        return WorkerShape(n, per, float(max(1, min(decode, share - 1))), decode, None)
+        mode = "processes" if cfg.decode_mode == "auto" else cfg.decode_mode
+        return WorkerShape(n, per, float(max(1, min(decode, share - 1))), decode, None, mode)
     n = max(1, min(cfg.workers or max(1, cpus // 4), shards))
     share = max(1, cpus // n)
     decode = cfg.decode_threads or max(2, share // 2)
-    return WorkerShape(n, 0.0, 1.0, decode, cfg.torch_threads or share)
+    mode = "threads" if cfg.decode_mode == "auto" else cfg.decode_mode
+    return WorkerShape(n, 0.0, 1.0, decode, cfg.torch_threads or share, mode)

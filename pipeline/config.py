@@ -33,7 +33,8 @@ class JobConfig:
     resize: str = "center-crop"
     max_image_pixels: int = 89_478_485
     batch_size: int = 64
-    decode_threads: int | None = None   # None: CPUs per GPU - 2 on GPU workers, half a CPU worker's share
+    decode_threads: int | None = None   # decoders per worker; None: CPUs per GPU - 2 on GPU workers, half a CPU worker's share
+    decode_mode: str = "auto"           # threads | processes | auto (processes on GPU workers, threads on CPU ones)
     prefetch: int = 2
     row_group_rows: int = 1024
     # cluster
@@ -57,6 +58,8 @@ class JobConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.decode_mode not in ("auto", "threads", "processes"):
+            raise JobConfigError(f"decode_mode must be auto, threads or processes, not {self.decode_mode!r}")
         if self.resize not in ("center-crop", "squash"):
             raise JobConfigError(f"resize must be center-crop or squash, not {self.resize!r}")
         for name in ("dtype", "teacher_dtype"):

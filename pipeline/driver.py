@@ -231,11 +231,11 @@ class _Scheduler:
         shape = worker_shape(self.cfg, len(self.todo))
         n_workers = shape.actors
         self.summary.workers = n_workers
-        actor_cls = make_actor_class(shape.num_gpus, shape.num_cpus)
+        actor_cls = make_actor_class(shape.num_gpus, shape.num_cpus, shape.torch_threads is not None)
         wcfg = WorkerConfig(
             output=self.cfg.output, model=model_spec(self.cfg), resize=self.cfg.resize,
             max_image_pixels=self.cfg.max_image_pixels, batch_size=self.cfg.batch_size,
-            decode_threads=shape.decode_threads, prefetch=self.cfg.prefetch,
+            decode_threads=shape.decode_threads, decode_mode=shape.decode_mode, prefetch=self.cfg.prefetch,
             row_group_rows=self.cfg.row_group_rows, storage=self.opts, torch_threads=shape.torch_threads,
         )
         self.pool = _ActorPool(actor_cls, wcfg, n_workers)

@@ -15,7 +15,6 @@ import threading
 import time
 import traceback
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,9 +22,10 @@ import numpy as np
 
 from schemas import tokens_schema
 
+from .decoders import Chunk, ProcessDecoder, ThreadDecoder, make_decoder
 from .faults import failpoint
 from .io import Storage, StorageOptions, input_info, open_input
-from .isolate import IsolatedDecoder, decode_sample
+from .isolate import IsolatedDecoder
 from .preprocess import PreprocessConfig, SampleError
 from .reader import RawSample, ShardReadError, iter_samples
 from .runner import ModelSpec, Runner
@@ -44,6 +44,7 @@ class WorkerConfig:
     max_image_pixels: int = 89_478_485
     batch_size: int = 64
     decode_threads: int = 4
+    decode_mode: str = "threads"   # or "processes" (resolved by the driver from JobConfig.decode_mode)
     prefetch: int = 2
     row_group_rows: int = 1024
     torch_threads: int | None = None
@@ -67,10 +68,17 @@ class ShardTask:
 @dataclass
 class _Item:
     sample: RawSample
-    pixels: np.ndarray | None = None
+    ok: bool = False   # decoded; its pixels are row `row` of the batch it travels with
     width: int = 0
     height: int = 0
     error: SampleError | None = None
+
+
+@dataclass
+class _Batch:
+    items: list[_Item]
+    pixels: np.ndarray | None   # (batch_size, S, S, 3) uint8, rows [0, n) = the decoded items in order
+    n: int
 
 
 _DONE = object()
@@ -89,7 +97,19 @@ class ShardProcessor:
         self.pre = PreprocessConfig(image_size=self.runner.image_size, resize=config.resize,
                                     max_image_pixels=config.max_image_pixels)
         self.storage = Storage(config.output, config.storage)
-        self.pool = ThreadPoolExecutor(max(1, config.decode_threads), thread_name_prefix="decode")
+        self.window = config.batch_size * 2  # samples submitted for decoding ahead of the batch being filled
+        self.decoder = make_decoder(config.decode_mode, config.decode_threads, self.pre, self.window + 1)
+        self._batches: queue.Queue = queue.Queue()  # reusable (batch_size, S, S, 3) buffers
+        s = self.pre.image_size
+        for _ in range(config.prefetch + 2):  # one filling, `prefetch` queued, one in the model
+            self._batches.put(np.empty((config.batch_size, s, s, 3), np.uint8))
+
+    @property
+    def decode_mode(self) -> str:
+        return "processes" if isinstance(self.decoder, ProcessDecoder) else "threads"
+
+    def close(self) -> None:
+        self.decoder.close()
 
     def process(self, task: ShardTask, fingerprint: dict[str, Any]) -> dict[str, Any]:
         """Returns {'status': 'ok', 'manifest': json} or {'status': 'failed', 'reason', 'error'}."""
@@ -99,16 +119,21 @@ class ShardProcessor:
         writer = ShardWriter(self.storage, task.stem, task.url, schema, fingerprint,
                              row_group_rows=self.config.row_group_rows)
         try:
-            isolated = IsolatedDecoder(self.config.decode_threads) if task.safe_mode else None
+            # safe mode (a worker died on this shard): thread decoding moves into child processes;
+            # process decoding is isolated already
+            isolated = IsolatedDecoder(self.config.decode_threads) \
+                if task.safe_mode and isinstance(self.decoder, ThreadDecoder) else None
+            decoder = ThreadDecoder(self.config.decode_threads, self.pre, isolated.decode) if isolated else self.decoder
             try:
                 with open_input(task.url, self.config.storage) as stream:
                     # size and ETag of the bytes actually read (the stream refuses a changed object)
                     size, etag = getattr(stream, "size", None), getattr(stream, "etag", None)
                     if size is None:
                         size, etag = input_info(task.url, self.config.storage)
-                    self._run(stream, task, writer, isolated.decode if isolated else decode_sample)
+                    self._run(stream, task, writer, decoder)
             finally:
                 if isolated:
+                    decoder.close()
                     isolated.close()
             manifest = writer.commit(input_size=size, input_etag=etag, attempts=task.attempt,
                                      seconds=time.monotonic() - t0, run_fingerprint=task.run_fingerprint)
@@ -130,13 +155,13 @@ class ShardProcessor:
             writer.cleanup()
 
     # ---------------------------------------------------------------- the shard loop
-    def _run(self, stream: Any, task: ShardTask, writer: ShardWriter, decode: Any) -> None:
+    def _run(self, stream: Any, task: ShardTask, writer: ShardWriter, decoder: Any) -> None:
         """Reader+decode thread -> model (this thread) -> Parquet writer thread, bounded queues between."""
         batches: queue.Queue = queue.Queue(maxsize=max(1, self.config.prefetch))
         written: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
         failure: list[BaseException] = []
-        producer = threading.Thread(target=self._produce, args=(stream, task.url, batches, stop, decode),
+        producer = threading.Thread(target=self._produce, args=(stream, task.url, batches, stop, decoder),
                                     name="shard-reader", daemon=True)
         sink = threading.Thread(target=self._write_loop, args=(written, task, writer, failure),
                                 name="shard-writer", daemon=True)
@@ -149,16 +174,27 @@ class ShardProcessor:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                good = [it for it in item if it.pixels is not None]
-                outputs = self.runner.run(np.stack([it.pixels for it in good])) if good else {}
-                written.put((item, good, outputs))
+                try:
+                    outputs = self.runner.run(item.pixels[: item.n]) if item.n else {}
+                finally:
+                    self._give_back(item.pixels)
+                written.put((item.items, [it for it in item.items if it.ok], outputs))
         finally:
             stop.set()
             while producer.is_alive():
                 try:
-                    batches.get_nowait()
+                    got = batches.get_nowait()
+                    if isinstance(got, _Batch):
+                        self._give_back(got.pixels)
                 except queue.Empty:
                     producer.join(0.05)
+            while True:  # batches queued after the last drain
+                try:
+                    got = batches.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(got, _Batch):
+                    self._give_back(got.pixels)
             written.put(_DONE)
             sink.join()
         if failure:
@@ -177,7 +213,20 @@ class ShardProcessor:
             except BaseException as e:  # noqa: BLE001 - re-raised in the model thread
                 failure.append(e)
 
-    def _produce(self, stream: Any, url: str, out: queue.Queue, stop: threading.Event, decode: Any) -> None:
+    def _buffer(self) -> np.ndarray:
+        try:
+            return self._batches.get_nowait()
+        except queue.Empty:  # only if a buffer was lost on a failure path: never wait for one
+            s = self.pre.image_size
+            return np.empty((self.config.batch_size, s, s, 3), np.uint8)
+
+    def _give_back(self, pixels: np.ndarray | None) -> None:
+        if pixels is not None and self._batches.qsize() < self.config.prefetch + 2:
+            self._batches.put(pixels)
+
+    def _produce(self, stream: Any, url: str, out: queue.Queue, stop: threading.Event, decoder: Any) -> None:
+        """Read samples, decode them in chunks (`decoder.chunk_size`), copy pixels into batch buffers."""
+
         def put(x: Any) -> bool:
             while not stop.is_set():
                 try:
@@ -187,46 +236,84 @@ class ShardProcessor:
                     continue
             return False
 
-        window: deque[tuple[RawSample, Future | None]] = deque()
-        batch: list[_Item] = []
-        decoded = 0  # images in `batch`
-        limit = self.config.batch_size * 2
+        # each entry: (sample, its chunk or None, position in the chunk); a chunk is submitted when full
+        window: deque[tuple[RawSample, Chunk | None, int]] = deque()
+        pending: Chunk | None = None
+        items: list[_Item] = []
+        pixels: np.ndarray | None = None
+        n = 0  # decoded images in `pixels`
+        size = self.config.batch_size
+
+        def flush() -> None:
+            nonlocal pending
+            if pending is not None:
+                chunk, pending = pending, None
+                decoder.submit(chunk)
+
+        def send() -> bool:
+            nonlocal items, pixels, n
+            batch = _Batch(items, pixels, n)
+            items, pixels, n = [], None, 0
+            if put(batch):
+                return True
+            self._give_back(batch.pixels)
+            return False
 
         def take() -> bool:
-            nonlocal batch, decoded
-            item = _resolve(*window.popleft())
-            batch.append(item)
-            decoded += item.pixels is not None
-            if decoded < self.config.batch_size:
+            nonlocal pixels, n
+            sample, chunk, pos = window[0]
+            if chunk is None:
+                window.popleft()
+                items.append(_Item(sample))
                 return True
-            full, batch, decoded = batch, [], 0
-            return put(full)
+            if chunk is pending:
+                flush()
+            r = decoder.results(chunk)[pos]
+            window.popleft()
+            if isinstance(r, SampleError):
+                items.append(_Item(sample, error=r))
+                return True
+            if pixels is None:
+                pixels = self._buffer()
+            pixels[n] = r.pixels
+            decoder.release(r)
+            n += 1
+            items.append(_Item(sample, True, r.width, r.height))
+            return n < size or send()
 
         try:
             for sample in iter_samples(stream, url):
-                fut = None
+                chunk = None
                 if not sample.error and sample.image is not None:
-                    fut = self.pool.submit(decode, sample.key, sample.image, self.pre)
-                window.append((sample, fut))
-                while len(window) > limit or (window and (window[0][1] is None or window[0][1].done())):
+                    if pending is None:
+                        pending = Chunk([])
+                    chunk = pending
+                    chunk.jobs.append((sample.key, sample.image))
+                window.append((sample, chunk, len(chunk.jobs) - 1 if chunk else 0))
+                if chunk is not None and len(chunk.jobs) >= decoder.chunk_size:
+                    flush()
+                while len(window) > self.window or (window and (window[0][1] is None or window[0][1].done())):
                     if not take():
                         return
+            flush()
             while window:
                 if not take():
                     return
-            if batch and not put(batch):
+            if items and not send():
                 return
             put(_DONE)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer thread
-            for _, f in window:
-                if f is not None:
-                    f.cancel()
             put(e)
+        finally:
+            self._give_back(pixels)
+            for _, chunk, pos in window:  # not taken (the shard stopped early): free their slots
+                if chunk is not None and chunk is not pending:
+                    decoder.abandon(chunk, pos)
 
     def _consume(self, items: list[_Item], good: list[_Item], outputs: dict[str, np.ndarray], task: ShardTask,
                  writer: ShardWriter) -> None:
         for it in items:
-            if it.pixels is None:
+            if not it.ok:
                 err = it.error
                 if err is None:
                     err = SampleError("read", *_split_reason(it.sample.error or "no_image: sample has no image"))
@@ -247,18 +334,6 @@ class ShardProcessor:
         writer.add_rows(cols)
 
 
-def _resolve(sample: RawSample, fut: Future | None) -> _Item:
-    if fut is None:
-        return _Item(sample)
-    try:
-        d = fut.result()
-    except SampleError as e:
-        return _Item(sample, error=e)
-    except Exception as e:  # noqa: BLE001 - a decoder bug must not kill the shard
-        return _Item(sample, error=SampleError("decode", "decoder_error", f"{type(e).__name__}: {e}"))
-    return _Item(sample, d.pixels, d.width, d.height)
-
-
 def _split_reason(text: str) -> tuple[str, str]:
     reason, _, detail = text.partition(":")
     return (reason.strip() or "read_error"), (detail.strip() or text)
@@ -269,11 +344,12 @@ def _failure(task: ShardTask, reason: str, error: str) -> dict[str, Any]:
     return {"status": "failed", "stem": task.stem, "reason": reason, "error": error[:4000]}
 
 
-def make_actor_class(num_gpus: float, num_cpus: float) -> Any:
+def make_actor_class(num_gpus: float, num_cpus: float, cpu_model: bool = False) -> Any:
     """The Ray actor class with its resources declared (one actor per GPU, or per CPU slot).
 
     Actors are not restarted by Ray: the driver replaces a dead one and re-dispatches its
     shards. WINTOK_* environment variables of the driver are passed on to the workers.
+    `cpu_model`: the model runs on the CPU, beside the decoders.
     """
     import os
 
@@ -282,6 +358,10 @@ def make_actor_class(num_gpus: float, num_cpus: float) -> Any:
     # MALLOC_ARENA_MAX: without it glibc's per-thread arenas let a long-lived worker's RSS creep
     # up shard after shard (measured: 310 -> 840 MiB over 40 shards; flat at ~520 MiB with 2)
     env = {"MALLOC_ARENA_MAX": "2", **{k: v for k, v in os.environ.items() if k.startswith("WINTOK_")}}
+    if cpu_model and "OMP_WAIT_POLICY" not in os.environ:
+        # torch's OpenMP threads otherwise spin between ops, taking cores from the decoders
+        # (measured on wintok-tiny, 2 vCPUs: 458 -> 535-595 img/s, CPU per image 4.1 -> 3.0-3.3 ms)
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
 
     @ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=0, max_task_retries=0,
                 runtime_env={"env_vars": env}, concurrency_groups={"control": 1})

@@ -174,6 +174,34 @@ def test_poison_sample_is_quarantined(tmp_path, ray_session, tiny_model_dir, mon
     assert verify(str(out)).clean()
 
 
+def test_poison_sample_in_decode_processes_costs_no_worker(tmp_path, ray_session, tiny_model_dir, monkeypatch):
+    """Decoding in child processes: the poison kills a decoding child only; no retry is needed."""
+    samples = corpus.good_samples(9, seed=44)
+    corpus.write_tar(str(tmp_path / "00000.tar"), samples)
+    poison = samples[5]["key"]
+    monkeypatch.setenv("WINTOK_FAILPOINTS", f"decode@{poison}=exit")
+    out = tmp_path / "out"
+    t0 = time.time()
+    summary = run_job(_job([str(tmp_path / "00000.tar")], out, tiny_model_dir, decode_mode="processes"))
+    assert summary.ok and summary.images == 8 and summary.errors_by_reason == {"decoder_crashed": 1}
+    assert json.loads((out / "_manifest" / "00000.json").read_text())["attempts"] == 1
+    record("poison sample, decode processes", "decoding one image kills its decoding process, every time",
+           "the child died, the sample was confirmed alone and recorded as decoder_crashed; no worker died",
+           "1", 0, 0, time.time() - t0)
+    data = read_output(str(out))
+    assert data["errors"]["00000"].column("key").to_pylist() == [poison]
+    assert sorted(data["rows"]["00000"].column("key").to_pylist()) == sorted(s["key"] for s in samples if s["key"] != poison)
+    assert verify(str(out)).clean()
+
+
+def test_decode_processes_give_the_reference_output(tmp_path, reference, ray_session, tiny_model_dir):
+    root, out = reference[0], tmp_path / "out"
+    summary = run_job(_job([f"{root}/in/{{00000..00003}}.tar"], out, tiny_model_dir, decode_mode="processes",
+                           batch_size=3))
+    assert summary.ok and summary.done == 4
+    _same_as_reference(out, reference)
+
+
 def test_driver_sigkilled_half_way_then_resumed(tmp_path, reference, ray_session, tiny_model_dir):
     root, out = reference[0], tmp_path / "out"
     address = ray_session.get_runtime_context().gcs_address

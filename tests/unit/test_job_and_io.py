@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main as cli_main
-from pipeline.config import JobConfigError, load_job_file, resolve
+from pipeline.config import JobConfig, JobConfigError, load_job_file, resolve
 from pipeline.io import InputError, Storage, expand_inputs, input_root, shard_stem
 from schemas import Manifest, TokenLayout, build_rows, column_to_numpy, read_metadata, tokens_schema
 from schemas.manifest import FileRecord
@@ -94,3 +94,25 @@ def test_manifest_json_round_trip():
                  errors_file=FileRecord("errors/a/b.parquet", 4, "cd", 1), errors_by_reason={"empty": 1},
                  attempts=1, seconds=0.5, run_fingerprint="f")
     assert Manifest.from_json(m.to_json()) == m
+
+
+def test_worker_shape_per_gpu_and_per_cpu():
+    from pipeline.cluster import shape_for
+
+    cfg = JobConfig(inputs=("a.tar",), output="o")
+    gpu = shape_for(cfg, shards=100, cpus=128, gpus=8)  # an 8-GPU node: 16 CPUs per GPU
+    assert (gpu.actors, gpu.num_gpus, gpu.decode_threads, gpu.decode_mode, gpu.torch_threads) == \
+        (8, 1.0, 14, "processes", None)
+    assert gpu.num_cpus == 14
+    assert shape_for(cfg, shards=3, cpus=128, gpus=8).actors == 3  # never more actors than shards
+    cpu = shape_for(cfg, shards=100, cpus=2, gpus=0)
+    assert (cpu.actors, cpu.num_gpus, cpu.decode_threads, cpu.decode_mode, cpu.torch_threads) == \
+        (1, 0.0, 2, "threads", 2)
+    cpu16 = shape_for(cfg, shards=100, cpus=16, gpus=0)
+    assert (cpu16.actors, cpu16.decode_threads, cpu16.torch_threads) == (4, 2, 4)
+    forced = shape_for(cfg.replace(decode_mode="threads", decode_threads=6), shards=100, cpus=128, gpus=8)
+    assert (forced.decode_mode, forced.decode_threads) == ("threads", 6)
+    assert shape_for(cfg.replace(decode_mode="processes"), shards=1, cpus=2, gpus=0).decode_mode == "processes"
+    assert shape_for(cfg.replace(device="cpu"), shards=100, cpus=128, gpus=8).num_gpus == 0.0
+    with pytest.raises(JobConfigError, match="decode_mode"):
+        cfg.replace(decode_mode="fork")

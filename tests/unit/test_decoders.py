@@ -1,0 +1,177 @@
+"""pipeline.decoders: thread and process decoders give the same outcomes; a dying child costs one sample."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from pipeline import decoders as D
+from pipeline.preprocess import PreprocessConfig, SampleError, decode_image
+from tests import corpus
+
+CFG = PreprocessConfig(image_size=48)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _jobs() -> list[tuple[str, bytes]]:
+    jobs = [(k, data) for k, data, _ in corpus.good_images(6, seed=7)]
+    for s in corpus.broken_corpus():
+        data = next((v for k, v in s["members"].items() if k not in ("txt", "json")), None)
+        if data is not None:
+            jobs.append((s["key"], data))
+    return jobs
+
+
+def _decode_all(dec, jobs, chunk: int) -> list[tuple[str, object]]:
+    """Submit in chunks, take results in order, copy pixels out and release, as the worker does."""
+    chunks = []
+    for i in range(0, len(jobs), chunk):
+        c = D.Chunk(list(jobs[i:i + chunk]))
+        dec.submit(c)
+        chunks.append(c)
+    out = []
+    for c in chunks:
+        for (key, _), r in zip(c.jobs, dec.results(c), strict=True):
+            if isinstance(r, SampleError):
+                out.append((key, ("error", r.stage, r.reason)))
+            else:
+                out.append((key, (r.pixels.copy(), r.width, r.height)))
+                dec.release(r)
+    return out
+
+
+@pytest.fixture(scope="module")
+def process_decoder():
+    dec = D.ProcessDecoder(2, CFG, slots=64, chunk_size=4)
+    yield dec
+    dec.close()
+
+
+def test_process_and_thread_decoders_agree_with_decode_image(process_decoder):
+    jobs = _jobs()
+    threads = D.ThreadDecoder(2, CFG)
+    try:
+        a = _decode_all(threads, jobs, 1)
+    finally:
+        threads.close()
+    b = _decode_all(process_decoder, jobs, 4)
+    assert [k for k, _ in a] == [k for k, _ in b] == [k for k, _ in jobs]
+    n_ok = 0
+    for (key, x), (_, y), (_, data) in zip(a, b, jobs, strict=True):
+        try:
+            ref = decode_image(data, CFG)
+        except SampleError as e:
+            assert x == y == ("error", e.stage, e.reason), key
+            continue
+        n_ok += 1
+        np.testing.assert_array_equal(x[0], ref.pixels, err_msg=key)
+        np.testing.assert_array_equal(y[0], ref.pixels, err_msg=key)
+        assert x[1:] == y[1:] == (ref.width, ref.height), key
+    assert n_ok >= 15 and len(jobs) - n_ok >= 5  # both kinds of outcome were exercised
+    assert process_decoder.in_flight() == 0
+
+
+def test_abandoned_results_give_their_slots_back(process_decoder):
+    jobs = _jobs()
+    chunks = [D.Chunk(jobs[i:i + 5]) for i in range(0, 20, 5)]
+    for c in chunks:
+        process_decoder.submit(c)
+    assert process_decoder.in_flight() == 20
+    for r in process_decoder.results(chunks[0]):  # the first chunk taken, the rest dropped unread
+        if isinstance(r, D.Slot):
+            process_decoder.release(r)
+    for c in chunks[1:]:
+        for pos in range(len(c.jobs)):
+            process_decoder.abandon(c, pos)
+    assert process_decoder.in_flight() == 0
+
+
+def test_a_child_that_dies_costs_only_its_sample(monkeypatch):
+    jobs = [(k, data) for k, data, _ in corpus.good_images(10, seed=9)]
+    poison = jobs[6][0]
+    monkeypatch.setenv("WINTOK_FAILPOINTS", f"decode@{poison}=exit")  # children inherit it when spawned
+    dec = D.ProcessDecoder(2, CFG, slots=16, chunk_size=3)
+    try:
+        out = _decode_all(dec, jobs, 3)
+        assert dec.crashes == 1 and dec.in_flight() == 0
+        for (key, r), (_, data) in zip(out, jobs, strict=True):
+            if key == poison:
+                assert r == ("error", "decode", "decoder_crashed")
+            else:
+                np.testing.assert_array_equal(r[0], decode_image(data, CFG).pixels)
+        again = _decode_all(dec, jobs[:3], 3)  # the replacement pool works
+        assert all(isinstance(r[0], np.ndarray) for _, r in again)
+    finally:
+        dec.close()
+
+
+def test_make_decoder_chooses_and_falls_back(monkeypatch, caplog):
+    t = D.make_decoder("threads", 3, CFG, in_flight=64)
+    assert isinstance(t, D.ThreadDecoder) and t.chunk_size == 1
+    t.close()
+    p = D.make_decoder("processes", 2, CFG, in_flight=64)
+    try:
+        assert isinstance(p, D.ProcessDecoder) and p.chunk_size == 16 and p.shape == (64, 48, 48, 3)
+    finally:
+        p.close()
+    p = D.make_decoder("processes", 20, CFG, in_flight=513)
+    try:
+        assert p.chunk_size == 513 // 40  # two chunks per child in flight
+    finally:
+        p.close()
+    monkeypatch.setattr(D, "shm_free_bytes", lambda: 1 << 20)
+    t = D.make_decoder("processes", 2, CFG, in_flight=513)
+    assert isinstance(t, D.ThreadDecoder) and "shm" in caplog.text
+    t.close()
+    with pytest.raises(ValueError):
+        D.make_decoder("auto", 2, CFG, 8)
+
+
+def test_shared_memory_is_unlinked_on_close():
+    dec = D.ProcessDecoder(1, CFG, slots=4, chunk_size=1)
+    path = f"/dev/shm/{dec.shm.name.lstrip('/')}"
+    assert os.path.exists(path)
+    dec.close()
+    assert not os.path.exists(path)
+
+
+def test_children_and_segment_go_when_the_worker_is_killed(tmp_path):
+    """SIGKILL the owning process: its decoding children leave and the segment is unlinked."""
+    script = tmp_path / "owner.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {REPO!r})
+        from pipeline.decoders import Chunk, ProcessDecoder
+        from pipeline.preprocess import PreprocessConfig
+        if __name__ == "__main__":
+            d = ProcessDecoder(2, PreprocessConfig(image_size=16), 8, 2)
+            c = Chunk([("a", b"x"), ("b", b"y"), ("c", b"z")])
+            d.submit(c)
+            d.results(c)
+            print(d.shm.name, flush=True)
+            time.sleep(120)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    name = proc.stdout.readline().strip()
+    assert name, "the owner did not start"
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) >= 2  # the resource tracker and at least one decoding child
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 20
+    alive = children
+    while time.time() < deadline:
+        alive = [c for c in children if os.path.exists(f"/proc/{c}") and
+                 "Z" not in open(f"/proc/{c}/stat").read().split()[2]]
+        if not alive and not os.path.exists(f"/dev/shm/{name.lstrip('/')}"):
+            break
+        time.sleep(0.2)
+    assert not alive, f"children still running: {alive}"
+    assert not os.path.exists(f"/dev/shm/{name.lstrip('/')}")
