@@ -70,7 +70,7 @@ $PY benchmarks/bench.py \
   --preset wintok-so400m-256 --images "${IMAGES:-12000}" --shard-size "${SHARD_SIZE:-375}" --pool 1500 \
   --make-teacher "$WORK/teacher-siglip-so400m-256" --teacher-arch so400m-256 \
   --only "$ONLY" --teacher-sections limit,pipeline,inproc \
-  --batch-size "${BATCH:-256}" --decode-threads "$DECODE_THREADS" \
+  --batch-size "${BATCH:-256}" --decode-threads "$DECODE_THREADS" --decode-mode "${DECODE_MODE:-processes,threads}" \
   --scaling-images "${SCALING_N:-1500}" --scaling-factor 10 \
   --limit-seconds 4 --section-timeout 200 --budget "${BUDGET:-420}" \
   --work "$WORK" --json "$OUT/results.json" --markdown "$OUT/results.md" --png "$OUT/results.png"
