@@ -1492,7 +1492,11 @@ def plot(results: dict[str, Any], path: str) -> None:
     fig, axes = plt.subplots(1, 3 if sc else 2, figsize=(17 if sc else 12, 4.8))
     width = 0.8 / max(1, len(variants))
     for vi, v in enumerate(variants):
-        got = {r["section"]: r for r in results["runs"] if _variant(r) == v and r.get("ok")}
+        got: dict[str, Any] = {}  # with several decode modes, the faster run of a section is drawn
+        for r in results["runs"]:
+            if _variant(r) == v and r.get("ok") and (r["section"] not in got
+                                                     or _steady_of(r) > _steady_of(got[r["section"]])):
+                got[r["section"]] = r
         xs = [i + vi * width for i, s in enumerate(order) if s in got]
         ys = [got[s]["img_s"] for s in order if s in got]
         bars = axes[0].bar(xs, ys, width, label=v)
@@ -1504,7 +1508,7 @@ def plot(results: dict[str, Any], path: str) -> None:
         axes[1].bar(xs, tot, width, alpha=0.35, color=bars.patches[0].get_facecolor() if bars.patches else None)
         axes[1].bar(xs, mem, width, label=f"{v}: model process RSS (solid) / all PSS (light)",
                     color=bars.patches[0].get_facecolor() if bars.patches else None)
-    for ax, title, ylab in ((axes[0], "throughput (bars: wall clock incl. start-up)", "images / s (log)"), (axes[1], "peak memory", "MiB")):
+    for ax, title, ylab in ((axes[0], "throughput (bars: wall clock incl. start-up;\nfaster decode mode where both ran)", "images / s (log)"), (axes[1], "peak memory", "MiB")):
         ax.set_xticks([i + width * (len(variants) - 1) / 2 for i in range(len(order))])
         ax.set_xticklabels([label[s] for s in order], fontsize=8)
         ax.set_title(title)
