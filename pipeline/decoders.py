@@ -24,6 +24,7 @@ owner is killed).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import multiprocessing as mp
@@ -55,7 +56,13 @@ class Slot:
     pixels: np.ndarray
     width: int
     height: int
+    digest: bytes  # image_hash of the encoded bytes, computed beside the decode
     index: int = -1  # shared-memory slot, -1 for a private array
+
+
+def image_hash(data: bytes) -> bytes:
+    """The `image_hash` column: BLAKE2b-128 of the image member's bytes as stored in the tar."""
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 class Chunk:
@@ -94,7 +101,7 @@ class ThreadDecoder:
         for key, data in jobs:
             try:
                 d = self.decode(key, data, self.cfg)
-                out.append(Slot(d.pixels, d.width, d.height))
+                out.append(Slot(d.pixels, d.width, d.height, image_hash(data)))
             except Exception as e:  # noqa: BLE001 - a decoder bug must not kill the shard
                 out.append(_as_error(e))
         return out
@@ -143,14 +150,14 @@ def _child_init(shm_name: str, shape: tuple[int, ...], cfg: PreprocessConfig) ->
     _CHILD.update(shm=shm, buf=np.ndarray(shape, np.uint8, buffer=shm.buf), cfg=cfg)
 
 
-def _child_decode(jobs: list[tuple[str, bytes, int]]) -> list[tuple[int, int] | SampleError]:
+def _child_decode(jobs: list[tuple[str, bytes, int]]) -> list[tuple[int, int, bytes] | SampleError]:
     buf, cfg = _CHILD["buf"], _CHILD["cfg"]
-    out: list[tuple[int, int] | SampleError] = []
+    out: list[tuple[int, int, bytes] | SampleError] = []
     for key, data, slot in jobs:
         try:
             d = decode_sample(key, data, cfg)
             buf[slot] = d.pixels
-            out.append((d.width, d.height))
+            out.append((d.width, d.height, image_hash(data)))
         except Exception as e:  # noqa: BLE001 - one bad sample must not fail its chunk
             out.append(_as_error(e))
     return out
@@ -216,11 +223,11 @@ class ProcessDecoder:
                 self.free.append(slot)
                 out.append(r)
             else:
-                out.append(Slot(self.buf[slot], r[0], r[1], slot))
+                out.append(Slot(self.buf[slot], r[0], r[1], r[2], slot))
         chunk.outcomes = out
         return out
 
-    def _recover(self, chunk: Chunk) -> list[tuple[int, int] | SampleError]:
+    def _recover(self, chunk: Chunk) -> list[tuple[int, int, bytes] | SampleError]:
         """A child died: new pool for what comes next; this chunk's samples one by one, alone."""
         with self.lock:
             if chunk.pool is self.pool:
@@ -228,7 +235,7 @@ class ProcessDecoder:
                 log.warning("a decoding process died; decoding its samples again one at a time")
                 self.pool.shutdown(wait=False, cancel_futures=True)
                 self.pool = self._pool(self.processes)
-        out: list[tuple[int, int] | SampleError] = []
+        out: list[tuple[int, int, bytes] | SampleError] = []
         for (key, data), slot in zip(chunk.jobs, chunk.slots, strict=True):
             if self.solo is None:
                 self.solo = self._pool(1)

@@ -8,7 +8,6 @@ thread with a bounded decode pool, overlapped with the model in the calling thre
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import threading
@@ -72,6 +71,7 @@ class _Item:
     width: int = 0
     height: int = 0
     error: SampleError | None = None
+    digest: bytes = b""  # image_hash, computed by the decoder
 
 
 @dataclass
@@ -278,7 +278,7 @@ class ShardProcessor:
             pixels[n] = r.pixels
             decoder.release(r)
             n += 1
-            items.append(_Item(sample, True, r.width, r.height))
+            items.append(_Item(sample, True, r.width, r.height, digest=r.digest))
             return n < size or send()
 
         try:
@@ -324,7 +324,7 @@ class ShardProcessor:
             "key": [it.sample.key for it in good],
             "shard": [task.url] * len(good),
             "sample_index": [it.sample.index for it in good],
-            "image_hash": [hashlib.blake2b(it.sample.image, digest_size=16).digest() for it in good],
+            "image_hash": [it.digest for it in good],
             "width": [it.width for it in good],
             "height": [it.height for it in good],
             "text": [it.sample.text for it in good],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 
@@ -82,6 +83,9 @@ def test_sizes_text_and_sample_index(broken_run):
             if key == "broken_latin1_caption":
                 assert text is not None and text.startswith("caf")
         assert set(d["shard"]) == {f"{root}/in/{stem}.tar"}
+        for key, digest in zip(d["key"], d["image_hash"], strict=True):
+            member = next(v for k, v in expected[key]["members"].items() if k not in ("txt", "json"))
+            assert digest == hashlib.blake2b(member, digest_size=16).digest(), key
 
 
 def test_broken_shards_fail_with_reason_and_nothing_visible(broken_run):

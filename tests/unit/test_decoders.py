@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -42,7 +43,7 @@ def _decode_all(dec, jobs, chunk: int) -> list[tuple[str, object]]:
             if isinstance(r, SampleError):
                 out.append((key, ("error", r.stage, r.reason)))
             else:
-                out.append((key, (r.pixels.copy(), r.width, r.height)))
+                out.append((key, (r.pixels.copy(), r.width, r.height, r.digest)))
                 dec.release(r)
     return out
 
@@ -73,7 +74,7 @@ def test_process_and_thread_decoders_agree_with_decode_image(process_decoder):
         n_ok += 1
         np.testing.assert_array_equal(x[0], ref.pixels, err_msg=key)
         np.testing.assert_array_equal(y[0], ref.pixels, err_msg=key)
-        assert x[1:] == y[1:] == (ref.width, ref.height), key
+        assert x[1:] == y[1:] == (ref.width, ref.height, hashlib.blake2b(data, digest_size=16).digest()), key
     assert n_ok >= 15 and len(jobs) - n_ok >= 5  # both kinds of outcome were exercised
     assert process_decoder.in_flight() == 0
 
