@@ -17,9 +17,11 @@ pixels, to be copied into the batch and then released) or a :class:`SampleError`
   one at a time in a single fresh child, and one that kills that child too is recorded as
   ``decoder_crashed`` while the shard goes on.
 
-The worker process owns the shared memory; children attach without registering it with the
-resource tracker, so the segment is unlinked once, by the owner (or by the tracker if the
-owner is killed).
+The shared memory is an anonymous ``memfd`` (Linux) that each child inherits as a file
+descriptor while it is spawned: it has no name, so nothing can be left behind in
+``/dev/shm`` when a worker is SIGKILLed, and the kernel frees it with its last user; it is not
+bounded by the size of ``/dev/shm`` (Docker's 64 MB default). Children also leave by
+themselves when their worker dies (they watch their parent).
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import mmap
 import multiprocessing as mp
 import os
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -136,18 +138,32 @@ def _watch_parent(parent: int) -> None:
     os._exit(0)
 
 
-def _child_init(shm_name: str, shape: tuple[int, ...], cfg: PreprocessConfig) -> None:
-    from multiprocessing import resource_tracker, shared_memory
+class _SharedFd:
+    """An fd that a spawned child inherits (multiprocessing passes it while spawning the child)."""
 
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, tuple[Any]]:
+        from multiprocessing import reduction
+
+        return (_detach, (reduction.DupFd(self.fd),))
+
+
+def _detach(dup: Any) -> int:
+    return dup.detach()
+
+
+def _map(fd: int, shape: tuple[int, ...]) -> tuple[mmap.mmap, np.ndarray]:
+    mm = mmap.mmap(fd, max(1, math.prod(shape)))
+    return mm, np.ndarray(shape, np.uint8, buffer=mm)
+
+
+def _child_init(fd: int, shape: tuple[int, ...], cfg: PreprocessConfig) -> None:
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True, name="watch-parent").start()
-
-    register = resource_tracker.register
-    resource_tracker.register = lambda *a, **k: None  # the parent owns (and unlinks) the segment
-    try:
-        shm = shared_memory.SharedMemory(name=shm_name)
-    finally:
-        resource_tracker.register = register
-    _CHILD.update(shm=shm, buf=np.ndarray(shape, np.uint8, buffer=shm.buf), cfg=cfg)
+    mm, buf = _map(fd, shape)
+    os.close(fd)  # the mapping keeps the memory
+    _CHILD.update(mm=mm, buf=buf, cfg=cfg)
 
 
 def _child_decode(jobs: list[tuple[str, bytes, int]]) -> list[tuple[int, int, bytes] | SampleError]:
@@ -164,40 +180,30 @@ def _child_decode(jobs: list[tuple[str, bytes, int]]) -> list[tuple[int, int, by
 
 
 # ------------------------------------------------------------------ processes (worker side)
-def shm_free_bytes() -> int | None:
-    try:
-        st = os.statvfs("/dev/shm")
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
-
-
 class ProcessDecoder:
     """`processes` spawned children; `slots` samples may be in flight (each holds a slot)."""
 
     def __init__(self, processes: int, cfg: PreprocessConfig, slots: int, chunk_size: int) -> None:
-        from multiprocessing import shared_memory
-
         self.processes = max(1, processes)
         self.cfg = cfg
         self.chunk_size = max(1, min(MAX_CHUNK, chunk_size))
         s = cfg.image_size
         self.shape = (slots, s, s, 3)
-        self.shm = shared_memory.SharedMemory(create=True, size=max(1, math.prod(self.shape)))
-        self.buf = np.ndarray(self.shape, np.uint8, buffer=self.shm.buf)
+        # anonymous shared memory: no name to unlink, freed by the kernel with its last user,
+        # and not limited by the size of /dev/shm
+        self.fd = os.memfd_create("wintok-decode", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, max(1, math.prod(self.shape)))
+        self.mm, self.buf = _map(self.fd, self.shape)
         self.free = list(range(slots - 1, -1, -1))
         self.ctx = mp.get_context("spawn")
         self.lock = threading.Lock()
         self.pool = self._pool(self.processes)
         self.solo: ProcessPoolExecutor | None = None
         self.crashes = 0
-        # unlink the segment even if close() is never called (and, if this process is killed, the
-        # resource tracker does it once the children have exited)
-        self._finalizer = weakref.finalize(self, _unlink, self.shm)
 
     def _pool(self, n: int) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(n, mp_context=self.ctx, initializer=_child_init,
-                                   initargs=(self.shm.name, self.shape, self.cfg))
+                                   initargs=(_SharedFd(self.fd), self.shape, self.cfg))
 
     def submit(self, chunk: Chunk) -> None:
         if len(self.free) < len(chunk.jobs):
@@ -273,18 +279,13 @@ class ProcessDecoder:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
         self.buf = None  # type: ignore[assignment]
-        self._finalizer()
-
-
-def _unlink(shm: Any) -> None:
-    try:
-        shm.close()
-    except BufferError:  # a view still alive somewhere; unlink anyway
-        pass
-    try:
-        shm.unlink()
-    except FileNotFoundError:
-        pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            self.mm.close()
+        except BufferError:  # a view still alive somewhere: the mapping goes with it
+            pass
 
 
 def make_decoder(mode: str, workers: int, cfg: PreprocessConfig, in_flight: int) -> ThreadDecoder | ProcessDecoder:
@@ -295,10 +296,7 @@ def make_decoder(mode: str, workers: int, cfg: PreprocessConfig, in_flight: int)
         return ThreadDecoder(workers, cfg)
     # at least two chunks per child in flight, so that none waits on the round trip
     chunk = max(1, min(MAX_CHUNK, in_flight // (2 * max(1, workers))))
-    need = in_flight * cfg.image_size * cfg.image_size * 3
-    free = shm_free_bytes()
-    if free is not None and free < 2 * need:
-        log.warning("decoding in threads: /dev/shm has %.0f MiB free, decode processes need %.0f MiB "
-                    "(give the container a larger --shm-size)", free / 2**20, need / 2**20)
+    if not hasattr(os, "memfd_create"):
+        log.warning("decoding in threads: decode processes need Linux (os.memfd_create)")
         return ThreadDecoder(workers, cfg)
     return ProcessDecoder(workers, cfg, in_flight, chunk)

@@ -376,6 +376,13 @@ class _ActorPool:
     def shutdown(self) -> None:
         import ray
 
+        # let each worker stop its decoding children first (they and their queues' semaphores go
+        # cleanly); a worker that does not answer in time is killed anyway
+        closing = [a.close.remote() for a in self.actors]
+        try:
+            ray.wait(closing, num_returns=len(closing), timeout=10)
+        except Exception:  # noqa: BLE001 - dead actors: nothing to close
+            pass
         for a in self.actors:
             ray.kill(a, no_restart=True)
 

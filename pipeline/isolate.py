@@ -40,6 +40,7 @@ class IsolatedDecoder:
             with self.lock:
                 if self.pool is pool:
                     self.pool = ProcessPoolExecutor(self.processes, mp_context=self.ctx)
+                    pool.shutdown(wait=True)  # joins its manager, so its queues (and semaphores) go
         with ProcessPoolExecutor(1, mp_context=self.ctx) as solo:
             try:
                 return solo.submit(decode_sample, key, data, cfg).result()
@@ -48,4 +49,4 @@ class IsolatedDecoder:
                                   "the decoding process died on this sample (isolated and confirmed)") from None
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown(wait=True, cancel_futures=True)

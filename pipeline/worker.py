@@ -373,6 +373,9 @@ def make_actor_class(num_gpus: float, num_cpus: float, cpu_model: bool = False) 
         def process(self, task: ShardTask, fingerprint: dict[str, Any]) -> dict[str, Any]:
             return self.processor.process(task, fingerprint)
 
+        def close(self) -> None:
+            self.processor.close()
+
         @ray.method(concurrency_group="control")
         def node_id(self) -> str:
             return ray.get_runtime_context().get_node_id()
