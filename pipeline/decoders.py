@@ -34,7 +34,6 @@ import multiprocessing as mp
 import os
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -42,13 +41,18 @@ from typing import Any
 
 import numpy as np
 
-from .isolate import decode_sample
-from .preprocess import PreprocessConfig, SampleError
+from .faults import failpoint
+from .preprocess import Decoded, PreprocessConfig, SampleError, decode_image
 
 log = logging.getLogger("wintok")
 
 MAX_CHUNK = 16
-DECODE_MODES = ("auto", "threads", "processes")
+
+
+def decode_sample(key: str, data: bytes, cfg: PreprocessConfig) -> Decoded:
+    """`decode_image` behind the `decode` failpoint (fault-injection tests)."""
+    failpoint("decode", key)
+    return decode_image(data, cfg)
 
 
 @dataclass
@@ -89,20 +93,19 @@ def _as_error(e: BaseException) -> SampleError:
 
 # ------------------------------------------------------------------ threads
 class ThreadDecoder:
-    """Decodes in threads of this process; `decode` may be swapped for an isolating one."""
+    """Decodes in threads of this process."""
 
-    def __init__(self, threads: int, cfg: PreprocessConfig, decode: Callable[..., Any] = decode_sample) -> None:
+    def __init__(self, threads: int, cfg: PreprocessConfig) -> None:
         self.threads = max(1, threads)
         self.cfg = cfg
         self.chunk_size = 1
-        self.decode = decode
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
 
     def _run(self, jobs: list[tuple[str, bytes]]) -> list[Slot | SampleError]:
         out: list[Slot | SampleError] = []
         for key, data in jobs:
             try:
-                d = self.decode(key, data, self.cfg)
+                d = decode_sample(key, data, self.cfg)
                 out.append(Slot(d.pixels, d.width, d.height, image_hash(data)))
             except Exception as e:  # noqa: BLE001 - a decoder bug must not kill the shard
                 out.append(_as_error(e))
@@ -196,7 +199,6 @@ class ProcessDecoder:
         self.mm, self.buf = _map(self.fd, self.shape)
         self.free = list(range(slots - 1, -1, -1))
         self.ctx = mp.get_context("spawn")
-        self.lock = threading.Lock()
         self.pool = self._pool(self.processes)
         self.solo: ProcessPoolExecutor | None = None
         self.crashes = 0
@@ -235,12 +237,11 @@ class ProcessDecoder:
 
     def _recover(self, chunk: Chunk) -> list[tuple[int, int, bytes] | SampleError]:
         """A child died: new pool for what comes next; this chunk's samples one by one, alone."""
-        with self.lock:
-            if chunk.pool is self.pool:
-                self.crashes += 1
-                log.warning("a decoding process died; decoding its samples again one at a time")
-                self.pool.shutdown(wait=False, cancel_futures=True)
-                self.pool = self._pool(self.processes)
+        if chunk.pool is self.pool:  # the first broken chunk of this pool
+            self.crashes += 1
+            log.warning("a decoding process died; decoding its samples again one at a time")
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = self._pool(self.processes)
         out: list[tuple[int, int, bytes] | SampleError] = []
         for (key, data), slot in zip(chunk.jobs, chunk.slots, strict=True):
             if self.solo is None:
@@ -292,11 +293,11 @@ def make_decoder(mode: str, workers: int, cfg: PreprocessConfig, in_flight: int)
     """`in_flight`: the most samples the caller holds undecoded or not yet copied out."""
     if mode not in ("threads", "processes"):
         raise ValueError(f"decode mode must be threads or processes here, not {mode!r}")
+    if mode == "processes" and not hasattr(os, "memfd_create"):
+        log.warning("decoding in threads: decode processes need Linux (os.memfd_create)")
+        mode = "threads"
     if mode == "threads":
         return ThreadDecoder(workers, cfg)
     # at least two chunks per child in flight, so that none waits on the round trip
     chunk = max(1, min(MAX_CHUNK, in_flight // (2 * max(1, workers))))
-    if not hasattr(os, "memfd_create"):
-        log.warning("decoding in threads: decode processes need Linux (os.memfd_create)")
-        return ThreadDecoder(workers, cfg)
     return ProcessDecoder(workers, cfg, in_flight, chunk)

@@ -21,10 +21,9 @@ import numpy as np
 
 from schemas import tokens_schema
 
-from .decoders import Chunk, ProcessDecoder, ThreadDecoder, make_decoder
+from .decoders import Chunk, ThreadDecoder, make_decoder
 from .faults import failpoint
 from .io import Storage, StorageOptions, input_info, open_input
-from .isolate import IsolatedDecoder
 from .preprocess import PreprocessConfig, SampleError
 from .reader import RawSample, ShardReadError, iter_samples
 from .runner import ModelSpec, Runner
@@ -67,7 +66,7 @@ class ShardTask:
 @dataclass
 class _Item:
     sample: RawSample
-    ok: bool = False   # decoded; its pixels are row `row` of the batch it travels with
+    ok: bool = False   # decoded: its pixels are in the batch it travels with, in item order
     width: int = 0
     height: int = 0
     error: SampleError | None = None
@@ -104,10 +103,6 @@ class ShardProcessor:
         for _ in range(config.prefetch + 2):  # one filling, `prefetch` queued, one in the model
             self._batches.put(np.empty((config.batch_size, s, s, 3), np.uint8))
 
-    @property
-    def decode_mode(self) -> str:
-        return "processes" if isinstance(self.decoder, ProcessDecoder) else "threads"
-
     def close(self) -> None:
         self.decoder.close()
 
@@ -119,11 +114,11 @@ class ShardProcessor:
         writer = ShardWriter(self.storage, task.stem, task.url, schema, fingerprint,
                              row_group_rows=self.config.row_group_rows)
         try:
-            # safe mode (a worker died on this shard): thread decoding moves into child processes;
-            # process decoding is isolated already
-            isolated = IsolatedDecoder(self.config.decode_threads) \
-                if task.safe_mode and isinstance(self.decoder, ThreadDecoder) else None
-            decoder = ThreadDecoder(self.config.decode_threads, self.pre, isolated.decode) if isolated else self.decoder
+            # safe mode (a worker died on this shard): thread decoding moves into child processes,
+            # where a crash costs one sample; process decoding is isolated already
+            own = task.safe_mode and isinstance(self.decoder, ThreadDecoder)
+            decoder = make_decoder("processes", self.config.decode_threads, self.pre, self.window + 1) \
+                if own else self.decoder
             try:
                 with open_input(task.url, self.config.storage) as stream:
                     # size and ETag of the bytes actually read (the stream refuses a changed object)
@@ -132,9 +127,8 @@ class ShardProcessor:
                         size, etag = input_info(task.url, self.config.storage)
                     self._run(stream, task, writer, decoder)
             finally:
-                if isolated:
+                if own:
                     decoder.close()
-                    isolated.close()
             manifest = writer.commit(input_size=size, input_etag=etag, attempts=task.attempt,
                                      seconds=time.monotonic() - t0, run_fingerprint=task.run_fingerprint)
             return {"status": "ok", "stem": task.stem, "manifest": manifest.to_json()}
@@ -181,18 +175,15 @@ class ShardProcessor:
                 written.put((item.items, [it for it in item.items if it.ok], outputs))
         finally:
             stop.set()
-            while producer.is_alive():
+            while True:  # until the producer is gone and nothing is left queued
+                alive = producer.is_alive()  # read first: once it is gone, nothing more can arrive
                 try:
                     got = batches.get_nowait()
-                    if isinstance(got, _Batch):
-                        self._give_back(got.pixels)
                 except queue.Empty:
+                    if not alive:
+                        break
                     producer.join(0.05)
-            while True:  # batches queued after the last drain
-                try:
-                    got = batches.get_nowait()
-                except queue.Empty:
-                    break
+                    continue
                 if isinstance(got, _Batch):
                     self._give_back(got.pixels)
             written.put(_DONE)

@@ -157,37 +157,25 @@ def test_crash_between_data_and_manifest(tmp_path, reference, ray_session, tiny_
            "uncommitted data file; the rerun overwrote it and committed once", "1 + rerun", 0, 0, time.time() - t0)
 
 
-def test_poison_sample_is_quarantined(tmp_path, ray_session, tiny_model_dir, monkeypatch):
-    samples = corpus.good_samples(5, seed=43)
+@pytest.mark.parametrize("mode", ["threads", "processes"])
+def test_poison_sample_is_quarantined(tmp_path, ray_session, tiny_model_dir, monkeypatch, mode):
+    """Threads: the worker dies once, the safe-mode retry decodes in child processes.
+    Processes: only a decoding child dies; the first attempt records the sample."""
+    samples = corpus.good_samples(7, seed=43)
     corpus.write_tar(str(tmp_path / "00000.tar"), samples)
-    poison = samples[2]["key"]
+    poison = samples[4]["key"]
     monkeypatch.setenv("WINTOK_FAILPOINTS", f"decode@{poison}=exit")
     out = tmp_path / "out"
     t0 = time.time()
-    summary = run_job(_job([str(tmp_path / "00000.tar")], out, tiny_model_dir, max_retries=2))
-    assert summary.ok and summary.images == 4 and summary.errors_by_reason == {"decoder_crashed": 1}
-    record("poison sample", "decoding one image kills its process, every time",
-           "worker died once; safe-mode retry recorded the sample as decoder_crashed", "2", 0, 0, time.time() - t0)
-    data = read_output(str(out))
-    assert data["errors"]["00000"].column("key").to_pylist() == [poison]
-    assert json.loads((out / "_manifest" / "00000.json").read_text())["attempts"] == 2
-    assert verify(str(out)).clean()
-
-
-def test_poison_sample_in_decode_processes_costs_no_worker(tmp_path, ray_session, tiny_model_dir, monkeypatch):
-    """Decoding in child processes: the poison kills a decoding child only; no retry is needed."""
-    samples = corpus.good_samples(9, seed=44)
-    corpus.write_tar(str(tmp_path / "00000.tar"), samples)
-    poison = samples[5]["key"]
-    monkeypatch.setenv("WINTOK_FAILPOINTS", f"decode@{poison}=exit")
-    out = tmp_path / "out"
-    t0 = time.time()
-    summary = run_job(_job([str(tmp_path / "00000.tar")], out, tiny_model_dir, decode_mode="processes"))
-    assert summary.ok and summary.images == 8 and summary.errors_by_reason == {"decoder_crashed": 1}
-    assert json.loads((out / "_manifest" / "00000.json").read_text())["attempts"] == 1
-    record("poison sample, decode processes", "decoding one image kills its decoding process, every time",
-           "the child died, the sample was confirmed alone and recorded as decoder_crashed; no worker died",
-           "1", 0, 0, time.time() - t0)
+    summary = run_job(_job([str(tmp_path / "00000.tar")], out, tiny_model_dir, max_retries=2, decode_mode=mode))
+    assert summary.ok and summary.images == 6 and summary.errors_by_reason == {"decoder_crashed": 1}
+    attempts = {"threads": 2, "processes": 1}[mode]
+    assert json.loads((out / "_manifest" / "00000.json").read_text())["attempts"] == attempts
+    outcome = {"threads": "worker died once; safe-mode retry recorded the sample as decoder_crashed",
+               "processes": "the decoding child died, the sample was confirmed alone and recorded as "
+                            "decoder_crashed; no worker died"}[mode]
+    record(f"poison sample, decode {mode}", "decoding one image kills its process, every time", outcome,
+           str(attempts), 0, 0, time.time() - t0)
     data = read_output(str(out))
     assert data["errors"]["00000"].column("key").to_pylist() == [poison]
     assert sorted(data["rows"]["00000"].column("key").to_pylist()) == sorted(s["key"] for s in samples if s["key"] != poison)
