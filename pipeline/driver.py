@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class Summary:
     failures: dict[str, str] = field(default_factory=dict)
     wall_seconds: float = 0.0
     workers: int = 0
+    worker_start_deaths: int = 0  # worker processes that died while loading the model, started again
 
     @property
     def ok(self) -> bool:
@@ -58,6 +60,7 @@ class Summary:
             "shards_failed": self.failed, "images": self.images, "sample_errors": self.errors,
             "errors_by_reason": dict(self.errors_by_reason), "failed_shards": self.failures,
             "wall_seconds": round(self.wall_seconds, 2), "workers": self.workers,
+            "worker_start_deaths": self.worker_start_deaths,
             "images_per_second": round((self.images + self.errors) / self.wall_seconds, 2)
             if self.wall_seconds > 0 else 0.0,
         }
@@ -72,6 +75,9 @@ class Summary:
             f"throughput: {d['images_per_second']} img/s over {d['wall_seconds']} s with {self.workers} worker(s)"
             if self.done or self.failed else "nothing to do: every shard was already committed",
         ]
+        if self.worker_start_deaths:
+            lines.append(f"workers: {self.worker_start_deaths} died while starting (killed for memory or "
+                         "node lost) and were started again")
         for stem, why in sorted(self.failures.items()):
             lines.append(f"FAILED {stem}: {why}")
         return "\n".join(lines)
@@ -238,7 +244,8 @@ class _Scheduler:
             decode_threads=shape.decode_threads, decode_mode=shape.decode_mode, prefetch=self.cfg.prefetch,
             row_group_rows=self.cfg.row_group_rows, storage=self.opts, torch_threads=shape.torch_threads,
         )
-        self.pool = _ActorPool(actor_cls, wcfg, n_workers)
+        self.pool = _ActorPool(actor_cls, wcfg, n_workers, self.cfg.max_retries + 1, self.cfg.retry_backoff,
+                                self.cfg.retry_backoff_max)
         inflight: dict[Any, tuple[int, ShardTask]] = {}  # insertion order = submission order
         bars = _Progress(len(self.todo), self.cfg.progress)
         try:
@@ -257,9 +264,7 @@ class _Scheduler:
                 done, _ = ray.wait(waitable, num_returns=1, timeout=0.5)
                 for ref in done:
                     if ref not in inflight:
-                        continue  # an actor became ready: dispatched next round
-                    if ref not in inflight:
-                        continue  # already re-queued after its actor died
+                        continue  # an actor became ready (dispatched next round) or a re-queued shard
                     slot, task = inflight.pop(ref)
                     try:
                         result = ray.get(ref)
@@ -275,6 +280,7 @@ class _Scheduler:
                     self._handle(task, result, bars)
         finally:
             bars.close()
+            self.summary.worker_start_deaths = self.pool.start_deaths
             self.pool.shutdown()
 
     def _release_delayed(self) -> None:
@@ -319,15 +325,26 @@ class _Scheduler:
 class _ActorPool:
     """Worker actors by slot. Work goes only to actors that finished loading their models; a
     dead actor is replaced, and a replacement that cannot be placed (its node is gone and no
-    resources are free) simply never becomes ready while the others carry on."""
+    resources are free) simply never becomes ready while the others carry on.
 
-    def __init__(self, actor_cls: Any, wcfg: WorkerConfig, n: int) -> None:
+    A worker whose process dies while it starts (killed for memory, node lost) is started again
+    after a backoff, up to ``start_attempts`` times in a row for its slot; after that the slot
+    is given up. An exception raised while loading the model (bad checkpoint, wrong config) is
+    the user's to fix and refuses the run at once, as does losing every slot."""
+
+    def __init__(self, actor_cls: Any, wcfg: WorkerConfig, n: int, start_attempts: int = 4,
+                 backoff: float = 2.0, backoff_max: float = 120.0) -> None:
         self.actor_cls, self.wcfg = actor_cls, wcfg
+        self.start_attempts, self.backoff, self.backoff_max = max(1, start_attempts), backoff, backoff_max
         self.prefix = f"wintok-worker-{os.getpid()}-{int(time.time())}"
         self.spawned = 0
         self.actors: list[Any] = []
         self.ready: list[bool] = []
         self.ready_ref: dict[int, Any] = {}
+        self.start_failures: dict[int, list[str]] = {}  # slot -> causes of consecutive start deaths
+        self.respawn_at: dict[int, float] = {}
+        self.given_up: set[int] = set()
+        self.start_deaths = 0
         for _ in range(n):
             self.actors.append(None)
             self.ready.append(False)
@@ -347,7 +364,13 @@ class _ActorPool:
 
     def poll_ready(self) -> None:
         import ray
+        import ray.exceptions as rex
 
+        now = time.monotonic()
+        for slot, when in list(self.respawn_at.items()):
+            if when <= now:
+                del self.respawn_at[slot]
+                self._spawn(slot)
         if not self.ready_ref:
             return
         done, _ = ray.wait(list(self.ready_ref.values()), num_returns=len(self.ready_ref), timeout=0)
@@ -357,9 +380,36 @@ class _ActorPool:
             del self.ready_ref[slot]
             try:
                 ray.get(ref)
-                self.ready[slot] = True
-            except Exception as e:  # noqa: BLE001 - the model could not load on the worker
+            except (rex.RayActorError, rex.OutOfMemoryError) as e:
+                if getattr(e, "actor_init_failed", False):  # the model could not load
+                    raise RunRefused(f"workers could not start: {_cause_line(str(e))}") from None
+                self._start_died(slot, e)  # its process died: killed for memory, node lost
+                continue
+            except Exception as e:  # noqa: BLE001 - anything else from the worker's start
                 raise RunRefused(f"workers could not start: {_cause_line(str(e))}") from None
+            self.ready[slot] = True
+            self.start_failures.pop(slot, None)
+
+    def _start_died(self, slot: int, e: Exception) -> None:
+        import ray
+
+        self.start_deaths += 1
+        causes = self.start_failures.setdefault(slot, [])
+        causes.append(_start_death_cause(e))
+        ray.kill(self.actors[slot], no_restart=True)
+        if len(causes) < self.start_attempts:
+            delay = min(self.backoff * 2 ** (len(causes) - 1), self.backoff_max) * (0.5 + random.random())
+            log.warning("worker %d died while starting (%s); starting it again in %.1f s",
+                        slot, causes[-1], delay)
+            self.respawn_at[slot] = time.monotonic() + delay
+            return
+        self.given_up.add(slot)
+        log.error("worker %d died %d times while starting (last: %s); carrying on without it",
+                  slot, len(causes), causes[-1])
+        if len(self.given_up) == len(self.actors):
+            raise RunRefused(
+                f"workers could not start: each died {self.start_attempts} times while loading the model "
+                f"(last: {causes[-1]}); give the nodes more memory or run fewer workers per node")
 
     def replace_if_dead(self, slot: int) -> bool:
         import ray
@@ -404,11 +454,28 @@ def _actor_failure(task: ShardTask, e: Exception) -> dict[str, Any]:
 
 
 def _cause_line(text: str) -> str:
+    """One line that says why a remote call failed, out of Ray's multi-line error text."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if lines and "running low on memory" in lines[0]:  # Ray's memory monitor: what, and by how much
+        why = next((ln for ln in lines if ln.startswith("OOM kill reason")), "")
+        return f"{lines[0]} {why}".strip()[:1000]
+    for ln in lines:
+        if ln.startswith("The actor is dead because"):
+            return ln[:1000]
     for ln in reversed(lines):
         if "Error" in ln or "error" in ln:
             return ln[:1000]
     return (lines[-1] if lines else "unknown")[:1000]
+
+
+def _start_death_cause(e: Exception) -> str:
+    import ray.exceptions as rex
+
+    text = str(e)
+    if isinstance(e, rex.OutOfMemoryError) or "running low on memory" in text:
+        return "killed by Ray's memory monitor"
+    m = re.search(r"The actor is dead because ([^.]*)", text)
+    return m.group(1) if m else _cause_line(text)
 
 
 class _Progress:

@@ -1,10 +1,11 @@
 """Failpoints for fault-injection tests: inert unless WINTOK_FAILPOINTS is set.
 
 Format: `point[@match]=action` separated by `;`. Points: `decode` (match: sample key),
-`before_manifest` and `shard_start` (match: shard stem). Actions: `exit` (the process dies
+`before_manifest` and `shard_start` (match: shard stem), `worker_start` (after the model
+loaded, in the actor's constructor). Actions: `exit` (the process dies
 with status 137 at once, like SIGKILL), `raise`, `sleep:SECONDS`, `alloc:MB` (hold memory,
-then sleep), `once-exit` (exit only if the marker file named by WINTOK_FAILPOINT_MARK is
-absent, creating it: dies on the first attempt only).
+then sleep). `once-ACTION` (e.g. `once-exit`, `once-alloc:MB`) runs ACTION only if the marker
+file named by WINTOK_FAILPOINT_MARK is absent, creating it: the fault hits the first attempt only.
 """
 
 from __future__ import annotations
@@ -37,13 +38,14 @@ def failpoint(point: str, subject: str = "") -> None:
     for p, match, action in _rules():
         if p != point or (match is not None and match != subject):
             continue
+        if action.startswith("once-"):
+            mark = os.environ.get("WINTOK_FAILPOINT_MARK", "")
+            if not mark or os.path.exists(mark):
+                continue
+            open(mark, "w").close()
+            action = action[len("once-"):]
         if action == "exit":
             os._exit(137)
-        if action == "once-exit":
-            mark = os.environ.get("WINTOK_FAILPOINT_MARK", "")
-            if mark and not os.path.exists(mark):
-                open(mark, "w").close()
-                os._exit(137)
         elif action == "raise":
             raise InjectedFault(f"injected fault at {point} {subject}")
         elif action.startswith("sleep:"):

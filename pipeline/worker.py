@@ -93,6 +93,7 @@ class ShardProcessor:
 
             torch.set_num_threads(config.torch_threads)
         self.runner = Runner(config.model, config.storage)
+        failpoint("worker_start")
         self.pre = PreprocessConfig(image_size=self.runner.image_size, resize=config.resize,
                                     max_image_pixels=config.max_image_pixels)
         self.storage = Storage(config.output, config.storage)

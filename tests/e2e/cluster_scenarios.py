@@ -71,8 +71,10 @@ def node_loss(workdir: str, model: str) -> dict:
 def oom(workdir: str, model: str) -> dict:
     import psutil
 
+    # the threshold leaves Ray and a loaded worker ample room (15% of the machine; they use ~1.5 GiB)
+    # and the failpoint's allocation (30%) goes well past it: only the poisoned shard trips it
     used = psutil.virtual_memory().percent / 100
-    os.environ["RAY_memory_usage_threshold"] = f"{min(0.95, used + 0.06):.3f}"
+    os.environ["RAY_memory_usage_threshold"] = f"{min(0.95, used + 0.15):.3f}"
     os.environ["RAY_memory_monitor_refresh_ms"] = "100"
     import ray
 
@@ -84,7 +86,10 @@ def oom(workdir: str, model: str) -> dict:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     corpus.make_shards(f"{workdir}/in", n_shards=3, per_shard=3, seed=52)
     gb = psutil.virtual_memory().total / 2**30
-    os.environ["WINTOK_FAILPOINTS"] = f"shard_start@00001=alloc:{int(gb * 0.12 * 1024)}"
+    mb = int(gb * 0.30 * 1024)
+    # the first worker is killed while it starts, then every attempt at shard 00001 kills its worker
+    os.environ["WINTOK_FAILPOINTS"] = f"worker_start=once-alloc:{mb};shard_start@00001=alloc:{mb}"
+    os.environ["WINTOK_FAILPOINT_MARK"] = f"{workdir}/start-mark"
     out = f"{workdir}/out"
     cfg = JobConfig(inputs=(f"{workdir}/in/*.tar",), output=out, model=model, workers=1, batch_size=4,
                     decode_threads=1, max_retries=2, retry_backoff=0.1, progress=False)

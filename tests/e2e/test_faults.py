@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.cli import main as cli_main
 from pipeline.config import JobConfig
-from pipeline.driver import run_job
+from pipeline.driver import RunRefused, run_job
 from pipeline.io import Storage
 from pipeline.lease import Lease, LeaseHeld
 from pipeline.verify import verify
@@ -263,6 +263,32 @@ def test_bad_model_is_one_clear_error_before_work(tmp_path, ray_session, capsys)
         assert rc == 2 and err.startswith("wintok: error:") and len(err.splitlines()) == 1, err
         assert "Traceback" not in err
         assert not (tmp_path / "out").exists()
+
+
+def test_worker_dying_while_starting_is_started_again(tmp_path, reference, ray_session, tiny_model_dir,
+                                                     monkeypatch):
+    """A worker process that dies while loading its model (as when it is killed for memory) is
+    started again after a backoff; the run completes with the reference output."""
+    monkeypatch.setenv("WINTOK_FAILPOINTS", "worker_start=once-exit")
+    monkeypatch.setenv("WINTOK_FAILPOINT_MARK", str(tmp_path / "mark"))
+    root, out = reference[0], tmp_path / "out"
+    t0 = time.time()
+    summary = run_job(_job([f"{root}/in/{{00000..00003}}.tar"], out, tiny_model_dir))
+    assert (tmp_path / "mark").exists(), "the fault was not injected"
+    assert summary.ok and summary.done == 4 and summary.failed == 0
+    _same_as_reference(out, reference)
+    record("worker dies while starting", "the worker process exits while loading the model (first start)",
+           "started again after a backoff; identical output", "2 starts", 0, 0, time.time() - t0)
+
+
+def test_worker_that_never_starts_refuses_the_run(tmp_path, ray_session, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("WINTOK_FAILPOINTS", "worker_start=exit")
+    corpus.make_shards(tmp_path / "in", n_shards=1, per_shard=2, seed=47)
+    cfg = _job([f"{tmp_path}/in/00000.tar"], tmp_path / "out", tiny_model_dir, max_retries=1)
+    with pytest.raises(RunRefused, match=r"each died 2 times while loading the model .*fewer workers") as err:
+        run_job(cfg)
+    assert len(str(err.value).splitlines()) == 1
+    assert not os.path.exists(tmp_path / "out" / "_manifest") or not os.listdir(tmp_path / "out" / "_manifest")
 
 
 def test_credentials_never_written(tmp_path, ray_session, tiny_model_dir, s3_endpoint, s3fs_client, capfd):
