@@ -250,3 +250,105 @@ def test_make_shards_is_deterministic_and_spreads_broken(tmp_path):
     broken = [s["key"] for s in corpus.broken_corpus()]
     assert sorted(k for k in keys if k.startswith("broken_")) == sorted(broken)
     assert len(keys) == len(set(keys)) == 12 + len(broken)
+
+
+# ---- tar dialects: what tarfile writes and reads, this reader reads the same way
+
+
+def _tar(members: list[tuple[str, bytes]], fmt: int = tarfile.PAX_FORMAT, mode: str = "w", **info_kw) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode, format=fmt) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            for k, v in info_kw.items():
+                setattr(info, k, v)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _reheader(data: bytes, at: int, typeflag: bytes | None = None, signed: bool = False) -> bytes:
+    """Rewrite the header block at `at` (type flag, checksum: unsigned or signed-char sum)."""
+    block = bytearray(data[at : at + 512])
+    if typeflag is not None:
+        block[156:157] = typeflag
+    block[148:156] = b" " * 8
+    total = sum((b - 256 if signed and b > 127 else b) for b in block)
+    block[148:156] = b"%06o\0 " % total
+    return data[:at] + bytes(block) + data[at + 512 :]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_long_paths_in_each_tar_format(fmt):
+    deep = "/".join(["segment-%02d" % i for i in range(9)])  # 98 chars of directories
+    members = [(f"{deep}/000001.jpg", b"J1"), (f"{deep}/000001.txt", b"t1")]
+    if fmt != tarfile.USTAR_FORMAT:  # ustar cannot hold a basename over 100 bytes
+        members += [("k" * 150 + ".jpg", b"J2"), ("dir/ünïcode-ключ.jpg", b"J3")]
+    got = read_all(_tar(members, fmt))
+    with tarfile.open(fileobj=io.BytesIO(_tar(members, fmt))) as tf:
+        names = [m.name for m in tf.getmembers()]
+    assert names == [n for n, _ in members]
+    assert [s.key for s in got] == [split_key(n)[0] for n, _ in members if not n.endswith(".txt")]
+    assert got[0].image == b"J1" and got[0].text == "t1"
+    assert all(s.error is None for s in got)
+
+
+def test_pax_global_header_and_base256_numbers():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "global"}) as tf:
+        info = tarfile.TarInfo("a.jpg")
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"A"))
+    gnu = _tar([("b.jpg", b"B")], tarfile.GNU_FORMAT, uid=2**30, mtime=2**40)  # base-256 fields
+    assert gnu[108] == 0x80  # the uid really is in base-256
+    assert [(s.key, s.image) for s in read_all(buf.getvalue())] == [("a", b"A")]
+    assert [(s.key, s.image) for s in read_all(gnu)] == [("b", b"B")]
+
+
+@pytest.mark.parametrize("mode", ["w:gz", "w:bz2", "w:xz"])
+def test_compressed_tars(mode):
+    members = [("a.jpg", b"A" * 3000), ("a.txt", b"cap"), ("b.jpg", b"B")]
+    data = _tar(members, mode=mode)
+    got = [(s.key, s.image, s.text) for s in iter_samples(NonSeekable(data), "z")]
+    assert got == [("a", b"A" * 3000, "cap"), ("b", b"B", None)]
+    with pytest.raises(ShardReadError, match="z"):
+        list(iter_samples(NonSeekable(data[: len(data) - 20]), "z"))
+
+
+def test_signed_checksum_is_accepted():
+    data = _tar([("é.jpg", b"E")], tarfile.USTAR_FORMAT)
+    (s,) = read_all(_reheader(data, 0, signed=True))
+    assert s.key == "é" and s.image == b"E"
+
+
+def test_unknown_member_type_is_skipped_and_sparse_is_refused():
+    data = _tar([("x.bin", b"z" * 700), ("a.jpg", b"A")])
+    first = data.index(b"x.bin") - 0  # the (pax-free) header of x.bin starts the archive
+    assert first == 0
+    unknown = _reheader(data, 0, typeflag=b"N")  # an old GNU type: its data is skipped by size
+    assert [(s.key, s.image) for s in read_all(unknown)] == [("a", b"A")]
+    with pytest.raises(ShardReadError, match="sparse"):
+        read_all(_reheader(data, 0, typeflag=b"S"))
+
+
+class _FailingStream(io.RawIOBase):
+    def __init__(self, data: bytes, fail_at: int):
+        self.data, self.pos, self.fail_at = data, 0, fail_at
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self.pos >= self.fail_at:
+            raise ConnectionResetError("connection reset by peer")
+        n = min(len(b), self.fail_at - self.pos, len(self.data) - self.pos)
+        b[:n] = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+
+@pytest.mark.parametrize("mode", ["w", "w:gz"])
+def test_io_errors_of_the_stream_propagate_unchanged(mode):
+    data = _tar([("a.jpg", b"A" * 5000), ("b.jpg", b"B" * 5000)], mode=mode)
+    with pytest.raises(ConnectionResetError):
+        list(iter_samples(_FailingStream(data, len(data) // 2), "s"))
