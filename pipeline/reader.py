@@ -138,6 +138,7 @@ _ZERO = bytes(_BLOCK)
 _REGULAR = (b"0", b"\0", b"7")
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directories, FIFOs: size ignored
 _META = (b"L", b"K", b"x", b"g")  # GNU long name / long link, pax extended / global header
+_META_MAX = 1 << 20  # such a header's data is read into memory: a larger one is corrupt
 
 
 class _Corrupt(Exception):
@@ -289,6 +290,8 @@ def _members(src: _Source) -> Iterator[tuple[str, int, bool]]:
             raise _Corrupt(f"invalid member header at offset {at} (negative size): corrupt data")
         pad = -size % _BLOCK
         if kind in _META:
+            if size > _META_MAX:
+                raise _Corrupt(f"invalid member header at offset {at} ({kind.decode()} header of {size} bytes)")
             data = src.read(size)
             if len(data) < size or src.skip(pad) < pad:
                 raise EOFError(f"stream ended inside a {kind.decode()} header's data at offset {at}")

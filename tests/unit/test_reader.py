@@ -280,7 +280,7 @@ def _reheader(data: bytes, at: int, typeflag: bytes | None = None, signed: bool 
 
 @pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
 def test_long_paths_in_each_tar_format(fmt):
-    deep = "/".join(["segment-%02d" % i for i in range(9)])  # 98 chars of directories
+    deep = "/".join([f"segment-{i:02d}" for i in range(9)])  # 98 chars of directories
     members = [(f"{deep}/000001.jpg", b"J1"), (f"{deep}/000001.txt", b"t1")]
     if fmt != tarfile.USTAR_FORMAT:  # ustar cannot hold a basename over 100 bytes
         members += [("k" * 150 + ".jpg", b"J2"), ("dir/ünïcode-ключ.jpg", b"J3")]
@@ -323,8 +323,7 @@ def test_signed_checksum_is_accepted():
 
 def test_unknown_member_type_is_skipped_and_sparse_is_refused():
     data = _tar([("x.bin", b"z" * 700), ("a.jpg", b"A")])
-    first = data.index(b"x.bin") - 0  # the (pax-free) header of x.bin starts the archive
-    assert first == 0
+    assert data.index(b"x.bin") == 0  # no pax header in front: x.bin's header is the first block
     unknown = _reheader(data, 0, typeflag=b"N")  # an old GNU type: its data is skipped by size
     assert [(s.key, s.image) for s in read_all(unknown)] == [("a", b"A")]
     with pytest.raises(ShardReadError, match="sparse"):
@@ -352,3 +351,12 @@ def test_io_errors_of_the_stream_propagate_unchanged(mode):
     data = _tar([("a.jpg", b"A" * 5000), ("b.jpg", b"B" * 5000)], mode=mode)
     with pytest.raises(ConnectionResetError):
         list(iter_samples(_FailingStream(data, len(data) // 2), "s"))
+
+
+def test_oversized_long_name_header_is_corrupt_not_read():
+    data = _tar([("k" * 150 + ".jpg", b"J")], tarfile.GNU_FORMAT)
+    block = bytearray(data[:512])
+    assert block[156:157] == b"L"
+    block[124:136] = b"%011o\0" % (1 << 30)  # a 1 GiB long name
+    with pytest.raises(ShardReadError, match="L header of 1073741824 bytes"):
+        read_all(_reheader(bytes(block) + data[512:], 0))
