@@ -428,9 +428,12 @@ class _ActorPool:
 
         # let each worker stop its decoding children first (they and their queues' semaphores go
         # cleanly); a worker that does not answer in time is killed anyway
-        closing = [a.close.remote() for a in self.actors]
+        # (only those that started: one still waiting for a node or resources would never
+        # answer, and the run would end 10 s late)
+        closing = [a.close.remote() for a, ready in zip(self.actors, self.ready, strict=True) if ready]
         try:
-            ray.wait(closing, num_returns=len(closing), timeout=10)
+            if closing:
+                ray.wait(closing, num_returns=len(closing), timeout=10)
         except Exception:  # noqa: BLE001 - dead actors: nothing to close
             pass
         for a in self.actors:
