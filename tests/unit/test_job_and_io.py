@@ -116,3 +116,35 @@ def test_worker_shape_per_gpu_and_per_cpu():
     assert shape_for(cfg.replace(device="cpu"), shards=100, cpus=128, gpus=8).num_gpus == 0.0
     with pytest.raises(JobConfigError, match="decode_mode"):
         cfg.replace(decode_mode="fork")
+
+
+# ---- how the driver names a remote failure (Ray's own exception objects and texts)
+
+_RAY_OOM_TEXT = (  # the shape of Ray 2.60's memory-monitor message, shortened
+    "1 worker(s) were killed due to the node running low on memory. Memory on the node (IP: 10.0.0.5, ID: ab12) "
+    "was 22.10GB used / 23.54GB limit (0.939)\n"
+    "OOM kill reason: Memory usage 23730000000B exceeded threshold of 22360000000B (95.0% of 23540000000B limit)\n"
+    "Object store memory usage: [- objects spillable: 0\n- bytes spillable: 0\n- objects errored: 0\n"
+    "- bytes errored: 0\n]\nRay killed 1 worker(s) based on the killing policy\n"
+    "Refer to the documentation on how to address the out of memory issue: https://docs.ray.io/...\n"
+)
+
+
+def test_remote_failure_causes_are_one_useful_line():
+    import ray.exceptions as rex
+
+    from pipeline.driver import ShardTask, _actor_failure, _cause_line, _start_death_cause
+
+    line = _cause_line(_RAY_OOM_TEXT)
+    assert line.startswith("1 worker(s) were killed due to the node running low on memory")
+    assert "OOM kill reason: Memory usage" in line and "\n" not in line and "bytes errored" not in line
+    oom = rex.OutOfMemoryError(_RAY_OOM_TEXT)
+    assert _start_death_cause(oom) == "killed by Ray's memory monitor"
+    failed = _actor_failure(ShardTask("s3://b/00001.tar", "00001", 1, "d"), oom)
+    assert failed["reason"] == "oom" and failed["error"] == line
+    died = rex.ActorDiedError()  # a system-level death with no context
+    assert _start_death_cause(died) == rex.ActorDiedError.BASE_ERROR_MSG
+    assert not died.actor_init_failed
+    text = ("The actor died unexpectedly before finishing this task.\n\tclass_name: TokenizeWorker\n"
+            "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR ...")
+    assert _cause_line(text) == "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR ..."
