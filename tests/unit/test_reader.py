@@ -8,6 +8,7 @@ import pickle
 import tarfile
 import tracemalloc
 
+import numpy as np
 import pytest
 from webdataset.tariterators import base_plus_ext
 
@@ -360,3 +361,25 @@ def test_oversized_long_name_header_is_corrupt_not_read():
     block[124:136] = b"%011o\0" % (1 << 30)  # a 1 GiB long name
     with pytest.raises(ShardReadError, match="L header of 1073741824 bytes"):
         read_all(_reheader(bytes(block) + data[512:], 0))
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_shards_written_by_webdataset_read_as_webdataset_reads_them(tmp_path, compress):
+    """A shard written by webdataset's own TarWriter: the same samples, keys and bytes as
+    webdataset's reader (tarfile underneath) gives."""
+    import webdataset as wds
+
+    path = str(tmp_path / ("s.tar.gz" if compress else "s.tar"))
+    rng = np.random.default_rng(9)
+    sent = []
+    with wds.TarWriter(path, compress=compress) as w:
+        for i in range(12):
+            key = f"part-{i % 3}/{'x' * (90 + i * 3)}-{i:04d}" if i % 4 == 0 else f"{i:06d}"
+            jpg = rng.integers(0, 256, 5000 + 7919 * i, dtype=np.uint8).tobytes()
+            w.write({"__key__": key, "jpg": jpg, "txt": f"caption {i}", "json": {"i": i}})
+            sent.append((key, jpg))
+    with open(path, "rb") as f:
+        got = [(s.key, s.image, s.text, s.error) for s in iter_samples(f, path)]
+    theirs = [(d["__key__"], d["jpg"], d["txt"].decode()) for d in wds.WebDataset(path, shardshuffle=False)]
+    assert [(k, img, txt) for k, img, txt, _ in got] == theirs
+    assert [(k, img) for k, img, _, _ in got] == sent and all(e is None for *_, e in got)
