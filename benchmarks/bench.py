@@ -171,13 +171,9 @@ def _decode_threads(p: dict) -> int:
 
 
 def _decode_mode(p: dict) -> str:
-    """The pipeline's choice (`pipeline.cluster.shape_for`): processes on GPU workers, threads on CPU ones."""
-    mode = p.get("decode_mode") or "auto"
-    if mode != "auto":
-        return mode
     import torch
 
-    return "processes" if torch.cuda.is_available() else "threads"
+    return _resolved_mode(p.get("decode_mode"), torch.cuda.is_available())
 
 
 def shard_urls(info: dict[str, Any]) -> list[str]:
@@ -1264,6 +1260,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _resolved_mode(mode: str | None, cuda: bool) -> str:
+    """The pipeline's choice for auto (`pipeline.cluster.shape_for`): processes on GPU workers, threads on CPU ones."""
     if mode and mode != "auto":
         return mode
     return "processes" if cuda else "threads"
@@ -1357,14 +1354,20 @@ def _steady_of(r: dict[str, Any]) -> float:
     return r.get("steady_img_s") or r["img_s"]
 
 
-def _ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
-    out = []
+def _fastest(results: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(variant, section) -> its run; with several decode modes, the faster one stands for the section."""
     by: dict[tuple[str, str], dict[str, Any]] = {}
     for r in results["runs"]:
-        if r.get("ok"):  # with several decode modes, the faster one stands for the section
+        if r.get("ok"):
             k = (_variant(r), r["section"])
             if k not in by or _steady_of(r) > _steady_of(by[k]):
                 by[k] = r
+    return by
+
+
+def _ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    by = _fastest(results)
     for v in dict.fromkeys(_variant(r) for r in results["runs"]):
         c = by.get((v, "pipeline"))
         if not c:
@@ -1491,12 +1494,9 @@ def plot(results: dict[str, Any], path: str) -> None:
     sc = results.get("scaling")
     fig, axes = plt.subplots(1, 3 if sc else 2, figsize=(17 if sc else 12, 4.8))
     width = 0.8 / max(1, len(variants))
+    fastest = _fastest(results)
     for vi, v in enumerate(variants):
-        got: dict[str, Any] = {}  # with several decode modes, the faster run of a section is drawn
-        for r in results["runs"]:
-            if _variant(r) == v and r.get("ok") and (r["section"] not in got
-                                                     or _steady_of(r) > _steady_of(got[r["section"]])):
-                got[r["section"]] = r
+        got = {sec: r for (var, sec), r in fastest.items() if var == v}
         xs = [i + vi * width for i, s in enumerate(order) if s in got]
         ys = [got[s]["img_s"] for s in order if s in got]
         bars = axes[0].bar(xs, ys, width, label=v)

@@ -85,10 +85,14 @@ class Chunk:
         return self.future is not None and self.future.done()
 
 
-def _as_error(e: BaseException) -> SampleError:
-    if isinstance(e, SampleError):
+def _decode_one(key: str, data: bytes, cfg: PreprocessConfig) -> tuple[Decoded, bytes] | SampleError:
+    """(pixels etc., image_hash) or the sample's error; a decoder bug must not fail its chunk."""
+    try:
+        return decode_sample(key, data, cfg), image_hash(data)
+    except SampleError as e:
         return e
-    return SampleError("decode", "decoder_error", f"{type(e).__name__}: {e}")
+    except Exception as e:  # noqa: BLE001
+        return SampleError("decode", "decoder_error", f"{type(e).__name__}: {e}")
 
 
 # ------------------------------------------------------------------ threads
@@ -96,19 +100,15 @@ class ThreadDecoder:
     """Decodes in threads of this process."""
 
     def __init__(self, threads: int, cfg: PreprocessConfig) -> None:
-        self.threads = max(1, threads)
         self.cfg = cfg
         self.chunk_size = 1
-        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="decode")
 
     def _run(self, jobs: list[tuple[str, bytes]]) -> list[Slot | SampleError]:
         out: list[Slot | SampleError] = []
         for key, data in jobs:
-            try:
-                d = decode_sample(key, data, self.cfg)
-                out.append(Slot(d.pixels, d.width, d.height, image_hash(data)))
-            except Exception as e:  # noqa: BLE001 - a decoder bug must not kill the shard
-                out.append(_as_error(e))
+            r = _decode_one(key, data, self.cfg)
+            out.append(r if isinstance(r, SampleError) else Slot(r[0].pixels, r[0].width, r[0].height, r[1]))
         return out
 
     def submit(self, chunk: Chunk) -> None:
@@ -173,12 +173,12 @@ def _child_decode(jobs: list[tuple[str, bytes, int]]) -> list[tuple[int, int, by
     buf, cfg = _CHILD["buf"], _CHILD["cfg"]
     out: list[tuple[int, int, bytes] | SampleError] = []
     for key, data, slot in jobs:
-        try:
-            d = decode_sample(key, data, cfg)
-            buf[slot] = d.pixels
-            out.append((d.width, d.height, image_hash(data)))
-        except Exception as e:  # noqa: BLE001 - one bad sample must not fail its chunk
-            out.append(_as_error(e))
+        r = _decode_one(key, data, cfg)
+        if isinstance(r, SampleError):
+            out.append(r)
+            continue
+        buf[slot] = r[0].pixels
+        out.append((r[0].width, r[0].height, r[1]))
     return out
 
 

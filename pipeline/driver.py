@@ -237,7 +237,7 @@ class _Scheduler:
         shape = worker_shape(self.cfg, len(self.todo))
         n_workers = shape.actors
         self.summary.workers = n_workers
-        actor_cls = make_actor_class(shape.num_gpus, shape.num_cpus, shape.torch_threads is not None)
+        actor_cls = make_actor_class(shape.num_gpus, shape.num_cpus, cpu_model=not shape.num_gpus)
         wcfg = WorkerConfig(
             output=self.cfg.output, model=model_spec(self.cfg), resize=self.cfg.resize,
             max_image_pixels=self.cfg.max_image_pixels, batch_size=self.cfg.batch_size,
@@ -341,7 +341,7 @@ class _ActorPool:
         self.actors: list[Any] = []
         self.ready: list[bool] = []
         self.ready_ref: dict[int, Any] = {}
-        self.start_failures: dict[int, list[str]] = {}  # slot -> causes of consecutive start deaths
+        self.start_failures: dict[int, int] = {}  # slot -> consecutive deaths while starting
         self.respawn_at: dict[int, float] = {}
         self.given_up: set[int] = set()
         self.start_deaths = 0
@@ -394,22 +394,20 @@ class _ActorPool:
         import ray
 
         self.start_deaths += 1
-        causes = self.start_failures.setdefault(slot, [])
-        causes.append(_start_death_cause(e))
+        deaths = self.start_failures[slot] = self.start_failures.get(slot, 0) + 1
+        cause = _start_death_cause(e)
         ray.kill(self.actors[slot], no_restart=True)
-        if len(causes) < self.start_attempts:
-            delay = min(self.backoff * 2 ** (len(causes) - 1), self.backoff_max) * (0.5 + random.random())
-            log.warning("worker %d died while starting (%s); starting it again in %.1f s",
-                        slot, causes[-1], delay)
+        if deaths < self.start_attempts:
+            delay = min(self.backoff * 2 ** (deaths - 1), self.backoff_max) * (0.5 + random.random())
+            log.warning("worker %d died while starting (%s); starting it again in %.1f s", slot, cause, delay)
             self.respawn_at[slot] = time.monotonic() + delay
             return
         self.given_up.add(slot)
-        log.error("worker %d died %d times while starting (last: %s); carrying on without it",
-                  slot, len(causes), causes[-1])
+        log.error("worker %d died %d times while starting (last: %s); carrying on without it", slot, deaths, cause)
         if len(self.given_up) == len(self.actors):
             raise RunRefused(
                 f"workers could not start: each died {self.start_attempts} times while loading the model "
-                f"(last: {causes[-1]}); give the nodes more memory or run fewer workers per node")
+                f"(last: {cause}); give the nodes more memory or run fewer workers per node")
 
     def replace_if_dead(self, slot: int) -> bool:
         import ray

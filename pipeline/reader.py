@@ -288,8 +288,8 @@ def _members(src: _Source) -> Iterator[tuple[str, int, bool]]:
             raise _Corrupt(f"invalid member header at offset {at} ({e}): corrupt data or trailing garbage") from None
         if size < 0:
             raise _Corrupt(f"invalid member header at offset {at} (negative size): corrupt data")
-        pad = -size % _BLOCK
         if kind in _META:
+            pad = -size % _BLOCK
             if size > _META_MAX:
                 raise _Corrupt(f"invalid member header at offset {at} ({kind.decode()} header of {size} bytes)")
             data = src.read(size)
@@ -304,7 +304,8 @@ def _members(src: _Source) -> Iterator[tuple[str, int, bool]]:
                     raise _Corrupt(f"invalid pax header at offset {at} ({e})") from None
                 (pax if kind == b"x" else pax_global).update(records)
             continue
-        if kind == b"S" or any(k.startswith("GNU.sparse") for k in (*pax, *pax_global)):
+        fields = {**pax_global, **pax} if pax or pax_global else {}
+        if kind == b"S" or any(k.startswith("GNU.sparse") for k in fields):
             raise _Corrupt(f"GNU sparse member at offset {at}: not supported in a shard")
         name = _cstr(block[:100])
         if kind == b"\0" and name.endswith(b"/"):
@@ -312,7 +313,6 @@ def _members(src: _Source) -> Iterator[tuple[str, int, bool]]:
         prefix = _cstr(block[345:500])
         if prefix:
             name = prefix + b"/" + name
-        fields = {**pax_global, **pax}
         if long_name is not None:
             name = long_name
         if "path" in fields:
@@ -322,7 +322,6 @@ def _members(src: _Source) -> Iterator[tuple[str, int, bool]]:
                 size = int(fields["size"])
             except ValueError:
                 raise _Corrupt(f"invalid pax size at offset {at}") from None
-            pad = -size % _BLOCK
         long_name, pax = None, {}
         regular = kind in _REGULAR
         data_size = 0 if kind in _NO_DATA else size
