@@ -19,10 +19,14 @@ def start_ray(cfg: JobConfig) -> None:
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}}
-    if address:
+    if address and address != "local":
+        # a running cluster: its resources are the cluster's own (num_cpus/num_gpus must not be given)
         ray.init(address=address, runtime_env=env, log_to_driver=True, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, runtime_env=env,
+        # address="local": always a fresh local instance. Without it ray.init() attaches to whatever
+        # the machine's current-cluster file or a running GCS names (someone else's Ray, or a stale
+        # file) and then refuses num_cpus with a traceback.
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, runtime_env=env,
                  logging_level=logging.WARNING, configure_logging=True)
 
 

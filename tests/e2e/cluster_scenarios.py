@@ -83,7 +83,7 @@ def oom(workdir: str, model: str) -> dict:
     from pipeline.verify import verify
     from tests import corpus
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     corpus.make_shards(f"{workdir}/in", n_shards=3, per_shard=3, seed=52)
     gb = psutil.virtual_memory().total / 2**30
     mb = int(gb * 0.30 * 1024)

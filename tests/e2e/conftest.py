@@ -41,7 +41,7 @@ def s3_endpoint():
 def ray_session(s3_endpoint):
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {**FAKE_AWS, "HF_HUB_OFFLINE": "1"}})
     yield ray
     ray.shutdown()

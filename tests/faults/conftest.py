@@ -18,7 +18,7 @@ def ray_session(s3_endpoint):  # noqa: F811 - the fixture imported above
     if ray.is_initialized():
         yield ray
         return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {**FAKE_AWS, "HF_HUB_OFFLINE": "1"}})
     yield ray
     ray.shutdown()
