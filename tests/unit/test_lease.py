@@ -233,7 +233,7 @@ def full_dir(tmp_path, monkeypatch):
     def no_space(fd: int, data: bytes) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("pipeline.lease.os.write", no_space)
+    monkeypatch.setattr("pipeline.lease_file.os.write", no_space)
     (d / "filler").write_bytes(b"")
     yield d
 
