@@ -47,6 +47,8 @@ def _job_args(p: argparse.ArgumentParser, teacher_only: bool = False) -> None:
     p.add_argument("--retry-backoff", type=float, help="seconds before the first retry (doubles each time)")
     _bool(p, "--overwrite", "redo every shard even if OUTPUT holds a different run")
     _bool(p, "--retry-failed", "only take up the shards recorded as failed")
+    _bool(p, "--break-lease", "take over OUTPUT's lease at once, even from a run that may be alive "
+          "(only when you know it is dead; if it is not, it stops at its next commit)")
     p.add_argument("--s3-endpoint-url")
     p.add_argument("--s3-profile")
     _bool(p, "--s3-anon", "anonymous S3 access")
@@ -161,14 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     from .config import JobConfigError
     from .driver import RunRefused
     from .io import InputError
-    from .lease import LeaseHeld
+    from .lease import LeaseError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("default")
     a = build_parser().parse_args(argv)
     try:
         return a.func(a)
-    except (JobConfigError, CheckpointError, ConfigError, RunRefused, InputError, LeaseHeld,
+    except (JobConfigError, CheckpointError, ConfigError, RunRefused, InputError, LeaseError,
             FileNotFoundError) as e:
         print(f"wintok: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -55,6 +55,7 @@ class JobConfig:
     s3_key: str | None = field(default=None, repr=False)      # prefer AWS_* variables or a profile
     s3_secret: str | None = field(default=None, repr=False)
     lease_ttl: float = 60.0
+    break_lease: bool = False           # take over OUTPUT's lease even from a holder that may be alive
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -24,7 +24,7 @@ from schemas import SCHEMA_VERSION, FailureRecord, Manifest, fingerprint_digest
 
 from .config import JobConfig
 from .io import Storage, StorageOptions, expand_inputs, input_root, s3_options, shard_stem
-from .lease import Lease
+from .lease import Lease, LeaseLost
 from .runner import ModelSpec
 from .worker import ShardTask, WorkerConfig, make_actor_class
 from .writer import FAILED_DIR, MANIFEST_DIR, RUN_FILE, failed_rel
@@ -207,20 +207,21 @@ def run_job(cfg: JobConfig) -> Summary:
         todo, skipped = _pending(cfg, storage, shards)
         if not todo:  # nothing to do: no lease, no write
             return Summary(planned=skipped, skipped=skipped, wall_seconds=time.monotonic() - t0)
-    with Lease(storage, ttl=cfg.lease_ttl):
+    with Lease(storage, ttl=cfg.lease_ttl, break_lease=cfg.break_lease) as lease:
         check_run_file(storage, fp, cfg)
         todo, skipped = _pending(cfg, storage, shards)  # listed once, under the lease
         summary = Summary(planned=skipped + len(todo) if cfg.retry_failed else len(shards), skipped=skipped)
         if todo:
-            _Scheduler(cfg, storage, opts, fp, todo, summary).run()
+            _Scheduler(cfg, storage, opts, fp, todo, summary, lease).run()
     summary.wall_seconds = time.monotonic() - t0
     return summary
 
 
 class _Scheduler:
     def __init__(self, cfg: JobConfig, storage: Storage, opts: StorageOptions, fp: dict[str, Any],
-                 todo: list[tuple[str, str]], summary: Summary) -> None:
+                 todo: list[tuple[str, str]], summary: Summary, lease: Lease | None = None) -> None:
         self.cfg, self.storage, self.opts, self.fp, self.summary = cfg, storage, opts, fp, summary
+        self.lease = lease  # checked every loop: a run that lost it stops at once (LeaseLost)
         self.digest = fingerprint_digest(fp)
         self.todo = deque(ShardTask(u, s, 1, self.digest) for u, s in todo)
         self.delayed: list[tuple[float, ShardTask]] = []
@@ -243,6 +244,7 @@ class _Scheduler:
             max_image_pixels=self.cfg.max_image_pixels, batch_size=self.cfg.batch_size,
             decode_threads=shape.decode_threads, decode_mode=shape.decode_mode, prefetch=self.cfg.prefetch,
             row_group_rows=self.cfg.row_group_rows, storage=self.opts, torch_threads=shape.torch_threads,
+            lease_token=self.lease.token if self.lease else None,
         )
         self.pool = _ActorPool(actor_cls, wcfg, n_workers, self.cfg.max_retries + 1, self.cfg.retry_backoff,
                                 self.cfg.retry_backoff_max)
@@ -250,6 +252,8 @@ class _Scheduler:
         bars = _Progress(len(self.todo), self.cfg.progress)
         try:
             while self.todo or self.delayed or inflight:
+                if self.lease:
+                    self.lease.check()
                 self._release_delayed()
                 self.pool.poll_ready()
                 for slot in self.pool.ready_slots():
@@ -277,6 +281,10 @@ class _Scheduler:
                             order.sort(key=lambda t: self.seq[t])
                             task, requeue = order[0], order[1:]
                             self.todo.extendleft(reversed(requeue))
+                    if result.get("status") == "lease_lost":
+                        raise LeaseLost(result.get("error", "lost the lease"))
+                    if self.lease:
+                        self.lease.check(fresh=True)  # _handle writes to OUTPUT: only while we hold it
                     self._handle(task, result, bars)
         finally:
             bars.close()

@@ -24,6 +24,7 @@ from schemas import tokens_schema
 from .decoders import Chunk, ThreadDecoder, make_decoder
 from .faults import failpoint
 from .io import Storage, StorageOptions, input_info, open_input
+from .lease import LeaseLost, check_fence
 from .preprocess import PreprocessConfig, SampleError
 from .reader import RawSample, ShardReadError, iter_samples
 from .runner import ModelSpec, Runner
@@ -47,6 +48,7 @@ class WorkerConfig:
     row_group_rows: int = 1024
     torch_threads: int | None = None
     storage: StorageOptions = field(default_factory=StorageOptions)
+    lease_token: str | None = None  # the run's lease token: every commit checks it (None: no check)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -130,9 +132,14 @@ class ShardProcessor:
             finally:
                 if own:
                     decoder.close()
+            token = self.config.lease_token
             manifest = writer.commit(input_size=size, input_etag=etag, attempts=task.attempt,
-                                     seconds=time.monotonic() - t0, run_fingerprint=task.run_fingerprint)
+                                     seconds=time.monotonic() - t0, run_fingerprint=task.run_fingerprint,
+                                     fence=(lambda: check_fence(self.storage, token)) if token else None)
             return {"status": "ok", "stem": task.stem, "manifest": manifest.to_json()}
+        except LeaseLost as e:  # another run holds OUTPUT now: commit nothing, the driver stops
+            writer.discard()
+            return {"status": "lease_lost", "stem": task.stem, "reason": "lease_lost", "error": str(e)}
         except ShardReadError as e:
             writer.discard()
             return _failure(task, "shard_read", str(e))

@@ -14,6 +14,7 @@ import shutil
 import socket
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -101,8 +102,13 @@ class ShardWriter:
                                 "stage": stage, "reason": reason, "error": error[:2000]})
 
     def commit(self, *, input_size: int | None, input_etag: str | None, attempts: int, seconds: float,
-               run_fingerprint: str) -> Manifest:
+               run_fingerprint: str, fence: Callable[[], None] | None = None) -> Manifest:
+        """Upload the data files, then the manifest. `fence` (the lease check) runs before the
+        first upload and again right before the manifest: a run that lost its lease raises there
+        and commits nothing (and overwrites no file another run has committed)."""
         self.rows.close()
+        if fence is not None:
+            fence()
         data_rel = shards_rel(self.stem)
         shards_file = FileRecord(data_rel, os.path.getsize(self.rows.path), sha256_file(self.rows.path),
                                  self.rows.rows)
@@ -126,6 +132,8 @@ class ShardWriter:
             worker=socket.gethostname(), finished_at=dt.datetime.now(dt.timezone.utc).isoformat(),
         )
         failpoint("before_manifest", self.stem)
+        if fence is not None:
+            fence()
         self.storage.put_bytes(manifest.to_json().encode(), manifest_rel(self.stem))
         return manifest
 
