@@ -31,6 +31,12 @@ extended and global headers (``path``, ``size``), V7 directories (``name/``), gz
 xz compression detected from the first bytes. GNU sparse members are refused (the shard
 fails with a reason): no webdataset writer makes them.
 
+Corrupt numbers: a size (ustar octal or base-256, pax ``size``) must be a plain non-negative
+number below 2**63; octal fields hold octal digits (space/NUL padded), pax sizes and record
+lengths decimal digits, nothing else (no sign, ``_``, blanks inside). Every header consumes at
+least one block and no read or skip goes backwards, so the parser always moves forward (it
+checks that it does): a corrupt header fails the shard, it never loops.
+
 End-of-shard check: only the all-zero end-of-archive block ends a shard. A stream that stops
 at a member boundary, inside a header, inside member data (read or skipped) or its padding,
 or that continues with a block that is not a valid header (bad checksum, bad number: corrupt
@@ -139,6 +145,7 @@ _REGULAR = (b"0", b"\0", b"7")
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directories, FIFOs: size ignored
 _META = (b"L", b"K", b"x", b"g")  # GNU long name / long link, pax extended / global header
 _META_MAX = 1 << 20  # such a header's data is read into memory: a larger one is corrupt
+_SIZE_MAX = 1 << 63  # a member size at least this large is corrupt (the reading stays bounded anyway)
 
 
 class _Corrupt(Exception):
@@ -175,6 +182,8 @@ class _Source:
 
     def read(self, n: int) -> bytes:
         """n bytes, or fewer only where the stream ends."""
+        if n < 0:  # never from a header (sizes are checked): the offset must not go back
+            raise ValueError(f"negative read of {n} bytes at offset {self.offset}")
         buf, pos = self.buf, self.pos
         if pos + n <= len(buf):
             self.pos = pos + n
@@ -202,6 +211,8 @@ class _Source:
 
     def skip(self, n: int) -> int:
         """Drop n bytes (reading them: the stream need not seek); returns how many were there."""
+        if n < 0:
+            raise ValueError(f"negative skip of {n} bytes at offset {self.offset}")
         left = len(self.buf) - self.pos
         if n <= left:
             self.pos += n
@@ -219,14 +230,28 @@ class _Source:
 
 
 def _number(field: bytes) -> int:
-    if field[:1] in (b"\x80", b"\xff"):  # base-256 (GNU), two's complement when negative
+    """A ustar numeric field: GNU base-256 (two's complement when negative) or octal digits,
+    optionally space/NUL padded. Anything else (signs, underscores, other digits) is corrupt."""
+    if field[:1] in (b"\x80", b"\xff"):
         n = int.from_bytes(field[1:], "big")
         return n - 256 ** (len(field) - 1) if field[0] == 0xFF else n
     end = field.find(b"\0")
+    digits = (field if end < 0 else field[:end]).strip()
+    if not digits:
+        return 0
+    if not digits.isdigit():
+        raise _Corrupt(f"bad number {field!r}")
     try:
-        return int((field if end < 0 else field[:end]).strip() or b"0", 8)
-    except ValueError:
+        return int(digits, 8)
+    except ValueError:  # an 8 or a 9
         raise _Corrupt(f"bad number {field!r}") from None
+
+
+def _pax_size(value: bytes, at: int) -> int:
+    """A pax ``size`` record: decimal digits only (``int`` would also take signs, spaces, ``_``)."""
+    if not value.isdigit() or len(value) > 19 or int(value) >= _SIZE_MAX:
+        raise _Corrupt(f"invalid pax size {value[:40]!r} at offset {at}: corrupt data")
+    return int(value)
 
 
 def _checksum_ok(block: bytes) -> bool:
@@ -248,28 +273,35 @@ def _pax_records(data: bytes) -> dict[str, bytes]:
     pos = 0
     while pos < len(data) and data[pos:pos + 1] != b"\0":
         sp = data.find(b" ", pos)
-        try:
-            length = int(data[pos:sp])
-        except ValueError:
-            raise _Corrupt("bad pax record length") from None
+        digits = data[pos:sp] if sp > pos else b""
+        if not digits.isdigit() or len(digits) > 9:
+            raise _Corrupt("bad pax record length")
+        length = int(digits)
         rec = data[sp + 1 : pos + length]
         key, eq, value = rec.partition(b"=")
-        if sp < 0 or length < 1 or pos + length > len(data) or not eq or not rec.endswith(b"\n"):
+        if length <= sp - pos or pos + length > len(data) or not eq or not rec.endswith(b"\n"):
             raise _Corrupt("bad pax record")
         out[key.decode("utf-8", "replace")] = value[:-1]
-        pos += length
+        pos += length  # > 0: the record holds at least its own length digits
     return out
 
 
 def _members(src: _Source) -> Iterator[tuple[str, int, bool]]:
     """(name, size, regular) for each member; the caller consumes exactly `size` data bytes
     (read or skipped) before asking for the next one. Returns at the end-of-archive block;
-    raises _Corrupt (not a valid header) or EOFError (the stream ended too soon)."""
+    raises _Corrupt (not a valid header) or EOFError (the stream ended too soon).
+
+    Always moves forward: every header consumes a block, sizes are checked to be >= 0 and
+    _Source refuses negative lengths; the offset check below makes that explicit."""
     long_name: bytes | None = None
     pax: dict[str, bytes] = {}
     pax_global: dict[str, bytes] = {}
+    last = -1
     while True:
         at = src.offset
+        if at <= last:
+            raise _Corrupt(f"no progress at offset {at} (previous header at {last})")
+        last = at
         block = src.read(_BLOCK)
         if len(block) < _BLOCK:
             if at == 0:
@@ -286,8 +318,8 @@ def _members(src: _Source) -> Iterator[tuple[str, int, bool]]:
             size = _number(block[124:136])
         except _Corrupt as e:
             raise _Corrupt(f"invalid member header at offset {at} ({e}): corrupt data or trailing garbage") from None
-        if size < 0:
-            raise _Corrupt(f"invalid member header at offset {at} (negative size): corrupt data")
+        if not 0 <= size < _SIZE_MAX:
+            raise _Corrupt(f"invalid member header at offset {at} (size {size}): corrupt data")
         if kind in _META:
             pad = -size % _BLOCK
             if size > _META_MAX:
@@ -318,10 +350,7 @@ def _members(src: _Source) -> Iterator[tuple[str, int, bool]]:
         if "path" in fields:
             name = fields["path"]
         if "size" in fields:
-            try:
-                size = int(fields["size"])
-            except ValueError:
-                raise _Corrupt(f"invalid pax size at offset {at}") from None
+            size = _pax_size(fields["size"], at)
         long_name, pax = None, {}
         regular = kind in _REGULAR
         data_size = 0 if kind in _NO_DATA else size
