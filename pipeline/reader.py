@@ -1,35 +1,47 @@
 """Tar stream -> samples, grouped the way webdataset groups tar members.
 
-A shard is read strictly as a stream (``tarfile`` mode ``r|*``): no seeking and no full
-copy, so it works on non-seekable fsspec/S3 streams. Members are grouped by key: the
-member path up to the first dot of its basename (``dir/000001.jpg`` -> key
-``dir/000001``, extension ``jpg``; extensions are lower-cased), which is webdataset's
-rule. Consecutive members with the same key form one sample; a key seen again later in
-the shard starts a new sample (non-adjacent groups are never merged).
+A shard is read strictly as a stream by this module's own tar parser (not ``tarfile``; see
+below): no seeking and no full copy, so it works on non-seekable fsspec/S3 streams. Members
+are grouped by key: the member path up to the first dot of its basename (``dir/000001.jpg``
+-> key ``dir/000001``, extension ``jpg``; extensions are lower-cased), which is webdataset's
+rule. Consecutive members with the same key form one sample; a key seen again later in the
+shard starts a new sample (non-adjacent groups are never merged).
 
-Deviations from webdataset, chosen so that no input is silently lost:
+Every sample is yielded, good or not; one that cannot be used carries ``error`` =
+``"<reason>: <detail>"`` and becomes an error record. Deviations from webdataset, chosen so
+that no input is silently lost:
 
 * a basename that starts with a dot (``.jpg``) gives the empty key ``""`` (webdataset
   drops it); a basename without a dot gives key = path and extension ``""`` and ends up
   as a ``no_image`` sample (webdataset drops it too);
 * a repeated extension inside one group marks the sample ``duplicate_member`` instead of
-  raising for the whole shard.
+  raising for the whole shard;
+* a member of a kind this reader does not read - symlink, hardlink, character or block
+  device, FIFO, GNU sparse file (old ``S`` type or pax ``GNU.sparse.*``, versions 0.0, 0.1
+  and 1.0), or a type flag it does not know - makes its sample ``unsupported_member`` with
+  the kind, the member and a link's target in the detail (webdataset drops such members).
 
-Member names that are not valid UTF-8 are decoded with replacement characters, so keys
-are always writable as Parquet strings.
+Names: tar stores bytes. A name (ustar, GNU long name, pax ``path``, which should be UTF-8
+but is not always) is decoded losslessly, bytes that are not UTF-8 as lone surrogates as
+``tarfile`` does, and members are grouped on that. The key as stored (``RawSample.key``,
+and every name in an error detail) shows each such byte as the four characters ``\\xNN``
+(``bytes.decode("utf-8", "backslashreplace")``), since Parquet strings cannot hold lone
+surrogates: the Latin-1 name ``café.jpg`` (bytes ``63 61 66 e9 2e ...``) -> key ``caf\\xe9``
+(seven characters), and distinct names keep distinct keys.
 
-Skipped members: non-regular ones (directories, links, devices), macOS ``._*`` files,
-anything under ``__MACOSX/``, and webdataset's ``__name__`` metadata entries.
+Not samples, skipped without a record: directories (type ``5``, V7 ``name/``, GNU dump
+directories ``D``), GNU volume labels (``V``), macOS ``._*`` files, anything under
+``__MACOSX/``, and webdataset's ``__name__`` metadata entries.
 
 Why not ``tarfile``: its stream mode copies the rest of its buffer on every read, reads a
 member in 10 KiB pieces joined in Python and sums header checksums through ``struct``; under
 the worker's GIL that was ~0.1 ms per sample, the largest Python cost left in a GPU worker.
 Here one read of 256 KiB feeds several members and a member's bytes are one slice. The tar
 rules kept (as ``tarfile`` reads them): ustar headers with the ``prefix`` field, base-256 and
-octal numbers, unsigned or signed header checksums, GNU long names (``L``, ``K``), pax
-extended and global headers (``path``, ``size``), V7 directories (``name/``), gzip / bzip2 /
-xz compression detected from the first bytes. GNU sparse members are refused (the shard
-fails with a reason): no webdataset writer makes them.
+octal numbers, unsigned or signed header checksums, GNU long names and link names (``L``,
+``K``), pax extended and global headers (``path``, ``linkpath``, ``size``; Solaris ``X``),
+GNU sparse maps (skipped, with old GNU's extension blocks), V7 directories (``name/``),
+gzip / bzip2 / xz compression detected from the first bytes.
 
 Corrupt numbers: a size (ustar octal or base-256, pax ``size``) must be a plain non-negative
 number below 2**63; octal fields hold octal digits (space/NUL padded), pax sizes and record
@@ -143,7 +155,9 @@ _DIRECT = 1 << 16  # member bytes at least this many past the buffer are read st
 _ZERO = bytes(_BLOCK)
 _REGULAR = (b"0", b"\0", b"7")
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directories, FIFOs: size ignored
-_META = (b"L", b"K", b"x", b"g")  # GNU long name / long link, pax extended / global header
+_NOT_SAMPLES = (b"5", b"D", b"V")  # directories, GNU dump directories, GNU volume labels
+_KINDS = {b"1": "hardlink", b"2": "symlink", b"3": "character device", b"4": "block device", b"6": "FIFO"}
+_META = (b"L", b"K", b"x", b"g", b"X")  # GNU long name / long link, pax extended / global, Solaris pax
 _META_MAX = 1 << 20  # such a header's data is read into memory: a larger one is corrupt
 _SIZE_MAX = 1 << 63  # a member size at least this large is corrupt (the reading stays bounded anyway)
 
@@ -268,6 +282,18 @@ def _cstr(raw: bytes) -> bytes:
     return raw if end < 0 else raw[:end]
 
 
+def _name(raw: bytes) -> str:
+    """Lossless: bytes that are not UTF-8 become lone surrogates (as in tarfile); see _stored."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _stored(name: str) -> str:
+    """A name as stored and shown: each byte that is not UTF-8 as the text ``\\xNN``."""
+    if name.isascii():
+        return name
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _pax_records(data: bytes) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     pos = 0
@@ -286,14 +312,73 @@ def _pax_records(data: bytes) -> dict[str, bytes]:
     return out
 
 
-def _members(src: _Source) -> Iterator[tuple[str, int, bool]]:
-    """(name, size, regular) for each member; the caller consumes exactly `size` data bytes
-    (read or skipped) before asking for the next one. Returns at the end-of-archive block;
-    raises _Corrupt (not a valid header) or EOFError (the stream ended too soon).
+def _header(src: _Source, at: int) -> tuple[bytes, int] | None:
+    """The next header block, checked, and its size field; None at the end-of-archive block."""
+    block = src.read(_BLOCK)
+    if len(block) < _BLOCK:
+        if at == 0:
+            raise _Corrupt("empty file" if not block else "shorter than one tar block")
+        if not block:
+            raise EOFError(f"stream ended at member boundary (offset {at}) without the end-of-archive blocks")
+        raise EOFError(f"stream ended inside a member header at offset {at}")
+    if block == _ZERO:
+        return None
+    try:
+        if not _checksum_ok(block):
+            raise _Corrupt("bad checksum")
+        size = _number(block[124:136])
+    except _Corrupt as e:
+        raise _Corrupt(f"invalid member header at offset {at} ({e}): corrupt data or trailing garbage") from None
+    if not 0 <= size < _SIZE_MAX:
+        raise _Corrupt(f"invalid member header at offset {at} (size {size}): corrupt data")
+    return block, size
+
+
+def _meta_data(src: _Source, kind: bytes, size: int, at: int) -> bytes:
+    """The data of an L/K/x/g header (read into memory, so bounded by _META_MAX)."""
+    if size > _META_MAX:
+        raise _Corrupt(f"invalid member header at offset {at} ({kind.decode()} header of {size} bytes)")
+    data = src.read(size)
+    pad = -size % _BLOCK
+    if len(data) < size or src.skip(pad) < pad:
+        raise EOFError(f"stream ended inside a {kind.decode()} header's data at offset {at}")
+    return data
+
+
+def _skip_sparse_map(src: _Source, block: bytes, at: int) -> None:
+    """Old GNU sparse ('S'): header byte 482 set means extension blocks of 21 more map entries
+    follow the header, each with its own flag at byte 504; the member's data comes after them."""
+    extended = block[482]
+    while extended:
+        ext = src.read(_BLOCK)
+        if len(ext) < _BLOCK:
+            raise EOFError(f"stream ended inside the sparse map of the member at offset {at}")
+        extended = ext[504]
+
+
+def _unsupported(kind: bytes, name: bytes, link: bytes, sparse: bool) -> str:
+    """The detail of an unsupported_member error: the kind, the member, a link's target."""
+    shown = repr(_stored(_name(name)))
+    if sparse:
+        return f"GNU sparse file {shown}"
+    what = _KINDS.get(kind)
+    if what is None:
+        return f"member of type {kind.decode('latin-1')!r} {shown}"
+    if kind in (b"1", b"2"):
+        return f"{what} {shown} -> {_stored(_name(link))!r}"
+    return f"{what} {shown}"
+
+
+def _members(src: _Source) -> Iterator[tuple[str, int, str | None]]:
+    """(name, size, unsupported) for each member that is not a directory; `unsupported` is None
+    for a regular file, else the detail of its unsupported_member error. The caller consumes
+    exactly `size` data bytes (read or skipped) before asking for the next one. Returns at the
+    end-of-archive block; raises _Corrupt (not a valid header) or EOFError (ended too soon).
 
     Always moves forward: every header consumes a block, sizes are checked to be >= 0 and
     _Source refuses negative lengths; the offset check below makes that explicit."""
     long_name: bytes | None = None
+    long_link: bytes | None = None
     pax: dict[str, bytes] = {}
     pax_global: dict[str, bytes] = {}
     last = -1
@@ -302,43 +387,25 @@ def _members(src: _Source) -> Iterator[tuple[str, int, bool]]:
         if at <= last:
             raise _Corrupt(f"no progress at offset {at} (previous header at {last})")
         last = at
-        block = src.read(_BLOCK)
-        if len(block) < _BLOCK:
-            if at == 0:
-                raise _Corrupt("empty file" if not block else "shorter than one tar block")
-            if not block:
-                raise EOFError(f"stream ended at member boundary (offset {at}) without the end-of-archive blocks")
-            raise EOFError(f"stream ended inside a member header at offset {at}")
-        if block == _ZERO:
+        header = _header(src, at)
+        if header is None:
             return
-        try:
-            if not _checksum_ok(block):
-                raise _Corrupt("bad checksum")
-            kind = block[156:157]
-            size = _number(block[124:136])
-        except _Corrupt as e:
-            raise _Corrupt(f"invalid member header at offset {at} ({e}): corrupt data or trailing garbage") from None
-        if not 0 <= size < _SIZE_MAX:
-            raise _Corrupt(f"invalid member header at offset {at} (size {size}): corrupt data")
+        block, size = header
+        kind = block[156:157]
         if kind in _META:
-            pad = -size % _BLOCK
-            if size > _META_MAX:
-                raise _Corrupt(f"invalid member header at offset {at} ({kind.decode()} header of {size} bytes)")
-            data = src.read(size)
-            if len(data) < size or src.skip(pad) < pad:
-                raise EOFError(f"stream ended inside a {kind.decode()} header's data at offset {at}")
+            data = _meta_data(src, kind, size, at)
             if kind == b"L":
                 long_name = _cstr(data)
-            elif kind in (b"x", b"g"):
+            elif kind == b"K":
+                long_link = _cstr(data)
+            else:
                 try:
                     records = _pax_records(data)
                 except _Corrupt as e:
                     raise _Corrupt(f"invalid pax header at offset {at} ({e})") from None
-                (pax if kind == b"x" else pax_global).update(records)
+                (pax_global if kind == b"g" else pax).update(records)
             continue
         fields = {**pax_global, **pax} if pax or pax_global else {}
-        if kind == b"S" or any(k.startswith("GNU.sparse") for k in fields):
-            raise _Corrupt(f"GNU sparse member at offset {at}: not supported in a shard")
         name = _cstr(block[:100])
         if kind == b"\0" and name.endswith(b"/"):
             kind = b"5"  # V7 directory
@@ -347,17 +414,27 @@ def _members(src: _Source) -> Iterator[tuple[str, int, bool]]:
             name = prefix + b"/" + name
         if long_name is not None:
             name = long_name
-        if "path" in fields:
-            name = fields["path"]
-        if "size" in fields:
-            size = _pax_size(fields["size"], at)
-        long_name, pax = None, {}
-        regular = kind in _REGULAR
+        sparse = False
+        if fields:
+            name = fields.get("GNU.sparse.name", fields.get("path", name))
+            if "size" in fields:
+                size = _pax_size(fields["size"], at)
+            sparse = any(k.startswith("GNU.sparse.") for k in fields)
         data_size = 0 if kind in _NO_DATA else size
-        yield name.decode("utf-8", "replace"), data_size, regular
+        if kind in _REGULAR and not sparse:
+            yield _name(name), data_size, None
+        elif kind not in _NOT_SAMPLES:
+            if kind == b"S":
+                _skip_sparse_map(src, block, at)
+                sparse = True
+            link = fields.get("linkpath", long_link if long_link is not None else _cstr(block[157:257]))
+            yield _name(name), data_size, _unsupported(kind, name, link, sparse)
+        elif src.skip(data_size) < data_size:
+            raise EOFError(f"stream ended inside the member at offset {at}")
         pad = -data_size % _BLOCK
         if src.skip(pad) < pad:
             raise EOFError(f"stream ended inside the padding of the member at offset {at}")
+        long_name, long_link, pax = None, None, {}
 
 
 def _open(stream: BinaryIO) -> tuple[_Source, _Raw, bool]:
@@ -380,24 +457,29 @@ def _open(stream: BinaryIO) -> tuple[_Source, _Raw, bool]:
     return _Source(inner), raw, True
 
 
-def _add_member(group: _Group, src: _Source, name: str, size: int, ext: str, limit: int) -> None:
+def _add_member(group: _Group, src: _Source, name: str, size: int, ext: str, unsupported: str | None,
+                limit: int) -> None:
     """Record one member in its group, reading its bytes only if the sample needs them."""
     if ext in group.exts:
         group.fail(f"duplicate_member: extension {ext!r} appears twice in sample {group.key!r}")
         _skip(src, size, name)
         return
     group.exts.append(ext)
+    if unsupported is not None:
+        group.fail(f"unsupported_member: {unsupported}")
+        _skip(src, size, name)
+        return
     wanted = ext in IMAGE_EXTS or ext in TEXT_EXTS or ext in META_EXTS
     if not wanted or group.error is not None:
         _skip(src, size, name)
         return
     if size > limit:
-        group.fail(f"member_too_large: {name!r} is {size} bytes, limit {limit}")
+        group.fail(f"member_too_large: {_stored(name)!r} is {size} bytes, limit {limit}")
         _skip(src, size, name)
         return
     data = src.read(size)
     if len(data) < size:
-        raise EOFError(f"stream ended inside member {name!r}")
+        raise EOFError(f"stream ended inside member {_stored(name)!r}")
     if ext in IMAGE_EXTS:
         if _better(ext, group.image_ext, IMAGE_EXTS):
             group.image, group.image_ext = data, ext
@@ -410,7 +492,7 @@ def _add_member(group: _Group, src: _Source, name: str, size: int, ext: str, lim
 
 def _skip(src: _Source, size: int, name: str) -> None:
     if src.skip(size) < size:
-        raise EOFError(f"stream ended inside member {name!r}")
+        raise EOFError(f"stream ended inside member {_stored(name)!r}")
 
 
 def iter_samples(stream: BinaryIO, shard: str, max_member_bytes: int = 256 << 20) -> Iterator[RawSample]:
@@ -423,19 +505,20 @@ def iter_samples(stream: BinaryIO, shard: str, max_member_bytes: int = 256 << 20
     src, raw, compressed = _open(stream)
     index = 0
     group: _Group | None = None
+    current = ""  # the group's key, lossless (group.key is the stored one)
     try:
-        for name, size, regular in _members(src):
-            if not regular or is_ignored(name):
+        for name, size, unsupported in _members(src):
+            if is_ignored(name):
                 _skip(src, size, name)
                 continue
             key, ext = split_key(name)
-            if group is not None and key != group.key:
+            if group is not None and key != current:
                 yield group.to_sample(index)
                 index += 1
                 group = None
             if group is None:
-                group = _Group(key=key)
-            _add_member(group, src, name, size, ext, max_member_bytes)
+                group, current = _Group(key=_stored(key)), key
+            _add_member(group, src, name, size, ext, unsupported, max_member_bytes)
         if group is not None:
             yield group.to_sample(index)
     except _Corrupt as e:

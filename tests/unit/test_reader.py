@@ -134,7 +134,7 @@ def test_member_without_extension_is_reported():
     assert s.key == "README" and s.error.startswith("no_image") and "(no extension)" in s.error
 
 
-def test_skips_dirs_links_and_junk():
+def test_skips_dirs_and_junk_and_reports_links():
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         d = tarfile.TarInfo("dir")
@@ -148,7 +148,8 @@ def test_skips_dirs_links_and_junk():
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tf.addfile(info, io.BytesIO(payload))
-    (s,) = read_all(buf.getvalue())
+    link, s = read_all(buf.getvalue())
+    assert (link.key, link.error) == ("dir/link", "unsupported_member: symlink 'dir/link.jpg' -> 'x.jpg'")
     assert (s.key, s.image, s.text, s.error) == ("dir/x", b"X", "cap", None)
 
 
@@ -322,13 +323,15 @@ def test_signed_checksum_is_accepted():
     assert s.key == "é" and s.image == b"E"
 
 
-def test_unknown_member_type_is_skipped_and_sparse_is_refused():
+def test_unknown_member_type_and_sparse_are_errors_of_their_sample():
     data = _tar([("x.bin", b"z" * 700), ("a.jpg", b"A")])
     assert data.index(b"x.bin") == 0  # no pax header in front: x.bin's header is the first block
     unknown = _reheader(data, 0, typeflag=b"N")  # an old GNU type: its data is skipped by size
-    assert [(s.key, s.image) for s in read_all(unknown)] == [("a", b"A")]
-    with pytest.raises(ShardReadError, match="sparse"):
-        read_all(_reheader(data, 0, typeflag=b"S"))
+    assert [(s.key, s.image, s.error) for s in read_all(unknown)] == [
+        ("x", None, "unsupported_member: member of type 'N' 'x.bin'"), ("a", b"A", None)]
+    sparse = _reheader(data, 0, typeflag=b"S")  # no extension blocks (byte 482 is 0): data follows
+    assert [(s.key, s.image, s.error) for s in read_all(sparse)] == [
+        ("x", None, "unsupported_member: GNU sparse file 'x.bin'"), ("a", b"A", None)]
 
 
 class _FailingStream(io.RawIOBase):
