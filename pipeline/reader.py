@@ -4,13 +4,16 @@ A shard is read strictly as a stream by this module's own tar parser (not ``tarf
 below): no seeking and no full copy, so it works on non-seekable fsspec/S3 streams. Members
 are grouped by key: the member path up to the first dot of its basename (``dir/000001.jpg``
 -> key ``dir/000001``, extension ``jpg``; extensions are lower-cased), which is webdataset's
-rule. Consecutive members with the same key form one sample; a key seen again later in the
-shard starts a new sample (non-adjacent groups are never merged).
+rule. Consecutive members with the same key form one sample.
 
 Every sample is yielded, good or not; one that cannot be used carries ``error`` =
 ``"<reason>: <detail>"`` and becomes an error record. Deviations from webdataset, chosen so
-that no input is silently lost:
+that no input is silently lost and a key names one row:
 
+* a key seen again later in the shard (a non-adjacent group, which webdataset yields as a
+  second sample) makes that later sample ``duplicate_key`` (the detail names the key and the
+  index of the sample that used it first), whatever else is wrong with it; the first stays.
+  Keys are compared as stored (below);
 * a basename that starts with a dot (``.jpg``) gives the empty key ``""`` (webdataset
   drops it); a basename without a dot gives key = path and extension ``""`` and ends up
   as a ``no_image`` sample (webdataset drops it too);
@@ -27,7 +30,8 @@ but is not always) is decoded losslessly, bytes that are not UTF-8 as lone surro
 and every name in an error detail) shows each such byte as the four characters ``\\xNN``
 (``bytes.decode("utf-8", "backslashreplace")``), since Parquet strings cannot hold lone
 surrogates: the Latin-1 name ``café.jpg`` (bytes ``63 61 66 e9 2e ...``) -> key ``caf\\xe9``
-(seven characters), and distinct names keep distinct keys.
+(seven characters), and distinct names keep distinct keys. A name spelled with that literal text is the same stored key: the
+second such sample is then ``duplicate_key``, never a second row.
 
 Not samples, skipped without a record: directories (type ``5``, V7 ``name/``, GNU dump
 directories ``D``), GNU volume labels (``V``), macOS ``._*`` files, anything under
@@ -495,6 +499,16 @@ def _skip(src: _Source, size: int, name: str) -> None:
         raise EOFError(f"stream ended inside member {_stored(name)!r}")
 
 
+def _start(key: str, index: int, seen: dict[str, int]) -> _Group:
+    """A new group for `key` (lossless); its stored key must be new in the shard."""
+    stored = _stored(key)
+    group = _Group(key=stored)
+    first = seen.setdefault(stored, index)
+    if first != index:
+        group.fail(f"duplicate_key: key {stored!r} was already used by sample {first} of this shard")
+    return group
+
+
 def iter_samples(stream: BinaryIO, shard: str, max_member_bytes: int = 256 << 20) -> Iterator[RawSample]:
     """Yield the samples of one tar shard in order, each as soon as its member group ends.
 
@@ -506,6 +520,7 @@ def iter_samples(stream: BinaryIO, shard: str, max_member_bytes: int = 256 << 20
     index = 0
     group: _Group | None = None
     current = ""  # the group's key, lossless (group.key is the stored one)
+    seen: dict[str, int] = {}  # stored key -> index of the sample that first used it
     try:
         for name, size, unsupported in _members(src):
             if is_ignored(name):
@@ -517,7 +532,7 @@ def iter_samples(stream: BinaryIO, shard: str, max_member_bytes: int = 256 << 20
                 index += 1
                 group = None
             if group is None:
-                group, current = _Group(key=_stored(key)), key
+                group, current = _start(key, index, seen), key
             _add_member(group, src, name, size, ext, unsupported, max_member_bytes)
         if group is not None:
             yield group.to_sample(index)

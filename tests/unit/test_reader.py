@@ -113,13 +113,14 @@ def test_invalid_utf8_caption_is_replaced_not_dropped():
     assert s.error is None and s.text == "caf\ufffd" and s.meta == '{"a": "\ufffd"}'
 
 
-def test_nonadjacent_duplicate_keys_and_empty_key_stay_separate():
+def test_nonadjacent_repeated_key_is_a_duplicate_key_error_and_empty_key_is_a_key():
     data = tar_of([("a.jpg", b"1"), ("b.jpg", b"2"), ("a.jpg", b"3"), (".jpg", b"4"), ("a.txt", b"5")])
     got = read_all(data)
     assert [(s.key, s.index, s.image) for s in got] == [
-        ("a", 0, b"1"), ("b", 1, b"2"), ("a", 2, b"3"), ("", 3, b"4"), ("a", 4, None)
+        ("a", 0, b"1"), ("b", 1, b"2"), ("a", 2, None), ("", 3, b"4"), ("a", 4, None)
     ]  # fmt: skip
-    assert got[4].error.startswith("no_image")
+    dup = "duplicate_key: key 'a' was already used by sample 0 of this shard"
+    assert [s.error for s in got] == [None, None, dup, None, dup]
 
 
 def test_duplicate_extension_in_group_fails_that_sample_only():

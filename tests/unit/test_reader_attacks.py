@@ -1,5 +1,6 @@
 """pipeline.reader on hostile or unusual tars: corrupt numbers never loop, names that are not
-UTF-8 keep their samples apart, every member kind is a sample or an error record."""
+UTF-8 keep their samples apart, every member kind is a sample or an error record, a key is
+used once per shard."""
 
 from __future__ import annotations
 
@@ -159,6 +160,39 @@ def test_messages_about_non_utf8_names_are_writable():
     s.error.encode("utf-8")
 
 
+# ---- item 5: a key is used once per shard
+
+
+def _plain_tar(members: list[tuple[str, bytes]], fmt: int = tarfile.GNU_FORMAT, encoding: str = "utf-8") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt, encoding=encoding) as tf:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
+def test_a_key_seen_again_is_a_duplicate_key_error():
+    data = _plain_tar([("a.jpg", b"1"), ("a.txt", b"t"), ("b.jpg", b"2"), ("a.jpg", b"3"), ("c.jpg", b"4"),
+                       ("a.png", b"5")])
+    got = read_all(data)
+    assert [(s.key, s.index, s.image, s.text) for s in got] == [
+        ("a", 0, b"1", "t"), ("b", 1, b"2", None), ("a", 2, None, None), ("c", 3, b"4", None),
+        ("a", 4, None, None)]
+    assert [s.error for s in got] == [
+        None, None, "duplicate_key: key 'a' was already used by sample 0 of this shard", None,
+        "duplicate_key: key 'a' was already used by sample 0 of this shard"]
+
+
+def test_names_distinct_as_bytes_but_equal_as_stored_keys_are_duplicates():
+    """b'a\\xff' is stored as the text 'a\\\\xff', which is also what the name 'a\\\\xff' gives."""
+    data = _plain_tar([("a\xff.jpg", b"1"), ("a\\xff.jpg", b"2")], encoding="latin-1")
+    got = read_all(data)
+    assert [(s.key, s.image) for s in got] == [("a\\xff", b"1"), ("a\\xff", None)]
+    assert got[1].error.startswith("duplicate_key: key 'a\\\\xff' was already used by sample 0")
+
+
 # ---- item 4b: every member kind is a sample or an error record
 
 
@@ -271,3 +305,51 @@ def test_gnu_sparse_header_cut_inside_its_extension_blocks_is_truncated(tmp_path
     assert isinstance(got, ShardReadError) and "truncated" in str(got), got
 
 
+
+# ---- end to end: the worker turns these samples into rows and error records verify accepts
+
+
+def test_worker_writes_latin1_keys_links_and_repeats_as_verify_expects(tmp_path):
+    """Latin-1 names, a symlink and a repeated key through ShardProcessor (no Ray): every
+    sample is a row or an error record with the reader's reason, and verify's shard check
+    finds nothing wrong (before: 2 rows of 5 images, duplicate keys among rows)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.io import Storage
+    from pipeline.runner import ModelSpec
+    from pipeline.verify import _check_shard
+    from pipeline.worker import ShardProcessor, ShardTask, WorkerConfig
+    from schemas import SCHEMA_VERSION, Manifest
+    from tests import corpus
+
+    images = [img for _, img, _ in corpus.good_images(5, seed=11)]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tf:
+        def add(name: str, payload: bytes = b"", kind: bytes = tarfile.REGTYPE) -> None:
+            info = tarfile.TarInfo(name)
+            info.type, info.size = kind, len(payload)
+            if kind == tarfile.SYMTYPE:
+                info.linkname = "café.jpg"
+            tf.addfile(info, io.BytesIO(payload))
+
+        for name, img in zip(LATIN1_NAMES, images, strict=False):
+            add(name, img)
+        add("link.jpg", kind=tarfile.SYMTYPE)
+        add("café.jpg", images[4])  # the key of sample 0 again
+    shard = tmp_path / "in.tar"
+    shard.write_bytes(buf.getvalue())
+    out = tmp_path / "out"
+    cfg = WorkerConfig(output=str(out), model=ModelSpec(model="wintok-tiny", device="cpu"), batch_size=4,
+                       decode_threads=1)
+    res = ShardProcessor(cfg).process(ShardTask(str(shard), "in", 1, "fp"), {"schema_version": SCHEMA_VERSION})
+    assert res["status"] == "ok", res
+    manifest = Manifest.from_json(res["manifest"])
+    rows = pq.read_table(out / "shards" / "in.parquet").to_pylist()
+    errors = pq.read_table(out / "errors" / "in.parquet").to_pylist()
+    assert [(r["key"], r["sample_index"]) for r in rows] == [
+        ("caf\\xe9", 0), ("caf\\xe8", 1), ("caf\\xeb", 2), ("caf\\xea", 3)]
+    assert [(e["key"], e["sample_index"], e["reason"]) for e in errors] == [
+        ("link", 4, "unsupported_member"), ("caf\\xe9", 5, "duplicate_key")]
+    assert "symlink 'link.jpg' -> 'caf\\\\xe9.jpg'" in errors[0]["error"]
+    assert (manifest.samples, manifest.rows, manifest.errors) == (6, 4, 2)
+    assert _check_shard(Storage(str(out)), manifest, None)[0] == []
