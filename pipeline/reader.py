@@ -1,54 +1,58 @@
 """Tar stream -> samples, grouped the way webdataset groups tar members.
 
-A shard is read strictly as a stream (``tarfile`` mode ``r|*``): no seeking and no full
-copy, so it works on non-seekable fsspec/S3 streams. Members are grouped by key: the
-member path up to the first dot of its basename (``dir/000001.jpg`` -> key
-``dir/000001``, extension ``jpg``; extensions are lower-cased), which is webdataset's
-rule. Consecutive members with the same key form one sample; a key seen again later in
-the shard starts a new sample (non-adjacent groups are never merged).
+A shard is read strictly as a stream by the project's own tar parser (not ``tarfile``;
+see :mod:`pipeline.tarstream`): no seeking and no full copy, so it works on non-seekable
+fsspec/S3 streams. Members are grouped by key: the member path up to the first dot of its basename (``dir/000001.jpg``
+-> key ``dir/000001``, extension ``jpg``; extensions are lower-cased), which is webdataset's
+rule. Consecutive members with the same key form one sample.
 
-Deviations from webdataset, chosen so that no input is silently lost:
+Every sample is yielded, good or not; one that cannot be used carries ``error`` =
+``"<reason>: <detail>"`` and becomes an error record. Deviations from webdataset, chosen so
+that no input is silently lost and a key names one row:
 
+* a key seen again later in the shard (a non-adjacent group, which webdataset yields as a
+  second sample) makes that later sample ``duplicate_key`` (the detail names the key and the
+  index of the sample that used it first), whatever else is wrong with it; the first stays.
+  Keys are compared as stored (below);
 * a basename that starts with a dot (``.jpg``) gives the empty key ``""`` (webdataset
   drops it); a basename without a dot gives key = path and extension ``""`` and ends up
   as a ``no_image`` sample (webdataset drops it too);
 * a repeated extension inside one group marks the sample ``duplicate_member`` instead of
-  raising for the whole shard.
+  raising for the whole shard;
+* a member of a kind this reader does not read - symlink, hardlink, character or block
+  device, FIFO, GNU sparse file (old ``S`` type or pax ``GNU.sparse.*``, versions 0.0, 0.1
+  and 1.0), or a type flag it does not know - makes its sample ``unsupported_member`` with
+  the kind, the member and a link's target in the detail (webdataset drops such members).
 
-Member names that are not valid UTF-8 are decoded with replacement characters, so keys
-are always writable as Parquet strings.
+Names: tar stores bytes. A name (ustar, GNU long name, pax ``path``, which should be UTF-8
+but is not always) is decoded losslessly, bytes that are not UTF-8 as lone surrogates as
+``tarfile`` does, and members are grouped on that. The key as stored (``RawSample.key``,
+and every name in an error detail) shows each such byte as the four characters ``\\xNN``
+(``bytes.decode("utf-8", "backslashreplace")``), since Parquet strings cannot hold lone
+surrogates: the Latin-1 name ``café.jpg`` (bytes ``63 61 66 e9 2e ...``) -> key ``caf\\xe9``
+(seven characters), and distinct names keep distinct keys. A name spelled with that
+literal text is the same stored key: the second such sample is then ``duplicate_key``,
+never a second row.
 
-Skipped members: non-regular ones (directories, links, devices), macOS ``._*`` files,
-anything under ``__MACOSX/``, and webdataset's ``__name__`` metadata entries.
+Not samples, skipped without a record: directories (type ``5``, V7 ``name/``, GNU dump
+directories ``D``), GNU volume labels (``V``), macOS ``._*`` files, anything under
+``__MACOSX/``, and webdataset's ``__name__`` metadata entries.
 
-Why not ``tarfile``: its stream mode copies the rest of its buffer on every read, reads a
-member in 10 KiB pieces joined in Python and sums header checksums through ``struct``; under
-the worker's GIL that was ~0.1 ms per sample, the largest Python cost left in a GPU worker.
-Here one read of 256 KiB feeds several members and a member's bytes are one slice. The tar
-rules kept (as ``tarfile`` reads them): ustar headers with the ``prefix`` field, base-256 and
-octal numbers, unsigned or signed header checksums, GNU long names (``L``, ``K``), pax
-extended and global headers (``path``, ``size``), V7 directories (``name/``), gzip / bzip2 /
-xz compression detected from the first bytes. GNU sparse members are refused (the shard
-fails with a reason): no webdataset writer makes them.
-
-End-of-shard check: only the all-zero end-of-archive block ends a shard. A stream that stops
-at a member boundary, inside a header, inside member data (read or skipped) or its padding,
-or that continues with a block that is not a valid header (bad checksum, bad number: corrupt
-data or trailing garbage) raises :class:`ShardReadError`. A tar whose first end-of-archive
-block is present but whose second one (or the record padding) is missing is accepted: every
-member is complete by then. I/O errors of the underlying stream propagate unchanged.
+The tar format itself (headers, numbers, names, sparse maps, compression, where a shard ends)
+is read by :mod:`pipeline.tarstream`, which says what it accepts; a shard it cannot read
+raises :class:`ShardReadError`.
 """
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import lzma
 import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
+
+from .tarstream import BLOCK, Corrupt, Source, members, open_stream, stored_name
 
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "img", "image")
 TEXT_EXTS: tuple[str, ...] = ("txt", "caption")
@@ -131,244 +135,29 @@ def _better(ext: str, current: str | None, order: tuple[str, ...]) -> bool:
     return current is None or order.index(ext) < order.index(current)
 
 
-_BLOCK = 512
-_READ = 1 << 18  # bytes asked of the underlying stream at a time
-_DIRECT = 1 << 16  # member bytes at least this many past the buffer are read straight
-_ZERO = bytes(_BLOCK)
-_REGULAR = (b"0", b"\0", b"7")
-_NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directories, FIFOs: size ignored
-_META = (b"L", b"K", b"x", b"g")  # GNU long name / long link, pax extended / global header
-_META_MAX = 1 << 20  # such a header's data is read into memory: a larger one is corrupt
-
-
-class _Corrupt(Exception):
-    """A block that is not a valid tar header."""
-
-
-class _Raw:
-    """The caller's stream, first bytes put back after sniffing; remembers its own failures so
-    they are not mistaken for corrupt compressed data."""
-
-    def __init__(self, stream: BinaryIO) -> None:
-        self.stream, self.head, self.failed = stream, b"", False
-
-    def read(self, n: int = -1) -> bytes:
-        if self.head:
-            out, self.head = (self.head, b"") if n < 0 or n >= len(self.head) else \
-                (self.head[:n], self.head[n:])
-            return out
-        try:
-            return self.stream.read(n)
-        except BaseException:
-            self.failed = True
-            raise
-
-    def readable(self) -> bool:
-        return True
-
-
-class _Source:
-    """Sequential reads over a stream with one carried-over buffer; counts bytes consumed."""
-
-    def __init__(self, stream: BinaryIO | _Raw) -> None:
-        self.stream, self.buf, self.pos, self.offset = stream, b"", 0, 0
-
-    def read(self, n: int) -> bytes:
-        """n bytes, or fewer only where the stream ends."""
-        buf, pos = self.buf, self.pos
-        if pos + n <= len(buf):
-            self.pos = pos + n
-            self.offset += n
-            return buf[pos : pos + n]
-        parts = [buf[pos:]] if pos < len(buf) else []
-        got = len(buf) - pos
-        self.buf, self.pos = b"", 0
-        while got < n:
-            # a large remainder is read on its own (one copy, made by the stream); a small one
-            # comes with the next _READ bytes, which serve the headers and members after it
-            block = self.stream.read(n - got if n - got >= _DIRECT else _READ)
-            if not block:
-                break
-            want = n - got
-            if len(block) > want:
-                parts.append(block[:want])
-                self.buf, self.pos = block, want
-                got = n
-                break
-            parts.append(block)
-            got += len(block)
-        self.offset += got
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def skip(self, n: int) -> int:
-        """Drop n bytes (reading them: the stream need not seek); returns how many were there."""
-        left = len(self.buf) - self.pos
-        if n <= left:
-            self.pos += n
-            self.offset += n
-            return n
-        done = left
-        self.buf, self.pos = b"", 0
-        while done < n:
-            block = self.stream.read(min(n - done, _READ))
-            if not block:
-                break
-            done += len(block)
-        self.offset += done
-        return done
-
-
-def _number(field: bytes) -> int:
-    if field[:1] in (b"\x80", b"\xff"):  # base-256 (GNU), two's complement when negative
-        n = int.from_bytes(field[1:], "big")
-        return n - 256 ** (len(field) - 1) if field[0] == 0xFF else n
-    end = field.find(b"\0")
-    try:
-        return int((field if end < 0 else field[:end]).strip() or b"0", 8)
-    except ValueError:
-        raise _Corrupt(f"bad number {field!r}") from None
-
-
-def _checksum_ok(block: bytes) -> bool:
-    stored = _number(block[148:156])
-    unsigned = 256 + sum(block[:148]) + sum(block[156:])
-    if stored == unsigned:
-        return True
-    high = sum(1 for b in block[:148] if b & 0x80) + sum(1 for b in block[156:] if b & 0x80)
-    return stored == unsigned - 256 * high  # some old tars sum signed chars
-
-
-def _cstr(raw: bytes) -> bytes:
-    end = raw.find(b"\0")
-    return raw if end < 0 else raw[:end]
-
-
-def _pax_records(data: bytes) -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
-    pos = 0
-    while pos < len(data) and data[pos:pos + 1] != b"\0":
-        sp = data.find(b" ", pos)
-        try:
-            length = int(data[pos:sp])
-        except ValueError:
-            raise _Corrupt("bad pax record length") from None
-        rec = data[sp + 1 : pos + length]
-        key, eq, value = rec.partition(b"=")
-        if sp < 0 or length < 1 or pos + length > len(data) or not eq or not rec.endswith(b"\n"):
-            raise _Corrupt("bad pax record")
-        out[key.decode("utf-8", "replace")] = value[:-1]
-        pos += length
-    return out
-
-
-def _members(src: _Source) -> Iterator[tuple[str, int, bool]]:
-    """(name, size, regular) for each member; the caller consumes exactly `size` data bytes
-    (read or skipped) before asking for the next one. Returns at the end-of-archive block;
-    raises _Corrupt (not a valid header) or EOFError (the stream ended too soon)."""
-    long_name: bytes | None = None
-    pax: dict[str, bytes] = {}
-    pax_global: dict[str, bytes] = {}
-    while True:
-        at = src.offset
-        block = src.read(_BLOCK)
-        if len(block) < _BLOCK:
-            if at == 0:
-                raise _Corrupt("empty file" if not block else "shorter than one tar block")
-            if not block:
-                raise EOFError(f"stream ended at member boundary (offset {at}) without the end-of-archive blocks")
-            raise EOFError(f"stream ended inside a member header at offset {at}")
-        if block == _ZERO:
-            return
-        try:
-            if not _checksum_ok(block):
-                raise _Corrupt("bad checksum")
-            kind = block[156:157]
-            size = _number(block[124:136])
-        except _Corrupt as e:
-            raise _Corrupt(f"invalid member header at offset {at} ({e}): corrupt data or trailing garbage") from None
-        if size < 0:
-            raise _Corrupt(f"invalid member header at offset {at} (negative size): corrupt data")
-        if kind in _META:
-            pad = -size % _BLOCK
-            if size > _META_MAX:
-                raise _Corrupt(f"invalid member header at offset {at} ({kind.decode()} header of {size} bytes)")
-            data = src.read(size)
-            if len(data) < size or src.skip(pad) < pad:
-                raise EOFError(f"stream ended inside a {kind.decode()} header's data at offset {at}")
-            if kind == b"L":
-                long_name = _cstr(data)
-            elif kind in (b"x", b"g"):
-                try:
-                    records = _pax_records(data)
-                except _Corrupt as e:
-                    raise _Corrupt(f"invalid pax header at offset {at} ({e})") from None
-                (pax if kind == b"x" else pax_global).update(records)
-            continue
-        fields = {**pax_global, **pax} if pax or pax_global else {}
-        if kind == b"S" or any(k.startswith("GNU.sparse") for k in fields):
-            raise _Corrupt(f"GNU sparse member at offset {at}: not supported in a shard")
-        name = _cstr(block[:100])
-        if kind == b"\0" and name.endswith(b"/"):
-            kind = b"5"  # V7 directory
-        prefix = _cstr(block[345:500])
-        if prefix:
-            name = prefix + b"/" + name
-        if long_name is not None:
-            name = long_name
-        if "path" in fields:
-            name = fields["path"]
-        if "size" in fields:
-            try:
-                size = int(fields["size"])
-            except ValueError:
-                raise _Corrupt(f"invalid pax size at offset {at}") from None
-        long_name, pax = None, {}
-        regular = kind in _REGULAR
-        data_size = 0 if kind in _NO_DATA else size
-        yield name.decode("utf-8", "replace"), data_size, regular
-        pad = -data_size % _BLOCK
-        if src.skip(pad) < pad:
-            raise EOFError(f"stream ended inside the padding of the member at offset {at}")
-
-
-def _open(stream: BinaryIO) -> tuple[_Source, _Raw, bool]:
-    raw = _Raw(stream)
-    head = b""
-    while len(head) < 6:
-        more = stream.read(6 - len(head))
-        if not more:
-            break
-        head += more
-    raw.head = head
-    if head.startswith(b"\x1f\x8b"):
-        inner: BinaryIO | _Raw = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[arg-type]
-    elif head.startswith(b"BZh"):
-        inner = bz2.BZ2File(raw)  # type: ignore[arg-type]
-    elif head.startswith(b"\xfd7zXZ\x00"):
-        inner = lzma.LZMAFile(raw)  # type: ignore[arg-type]
-    else:
-        return _Source(raw), raw, False
-    return _Source(inner), raw, True
-
-
-def _add_member(group: _Group, src: _Source, name: str, size: int, ext: str, limit: int) -> None:
+def _add_member(group: _Group, src: Source, name: str, size: int, ext: str, unsupported: str | None,
+                limit: int) -> None:
     """Record one member in its group, reading its bytes only if the sample needs them."""
     if ext in group.exts:
         group.fail(f"duplicate_member: extension {ext!r} appears twice in sample {group.key!r}")
         _skip(src, size, name)
         return
     group.exts.append(ext)
+    if unsupported is not None:
+        group.fail(f"unsupported_member: {unsupported}")
+        _skip(src, size, name)
+        return
     wanted = ext in IMAGE_EXTS or ext in TEXT_EXTS or ext in META_EXTS
     if not wanted or group.error is not None:
         _skip(src, size, name)
         return
     if size > limit:
-        group.fail(f"member_too_large: {name!r} is {size} bytes, limit {limit}")
+        group.fail(f"member_too_large: {stored_name(name)!r} is {size} bytes, limit {limit}")
         _skip(src, size, name)
         return
     data = src.read(size)
     if len(data) < size:
-        raise EOFError(f"stream ended inside member {name!r}")
+        raise EOFError(f"stream ended inside member {stored_name(name)!r}")
     if ext in IMAGE_EXTS:
         if _better(ext, group.image_ext, IMAGE_EXTS):
             group.image, group.image_ext = data, ext
@@ -379,9 +168,19 @@ def _add_member(group: _Group, src: _Source, name: str, size: int, ext: str, lim
         group.meta_raw = data
 
 
-def _skip(src: _Source, size: int, name: str) -> None:
+def _skip(src: Source, size: int, name: str) -> None:
     if src.skip(size) < size:
-        raise EOFError(f"stream ended inside member {name!r}")
+        raise EOFError(f"stream ended inside member {stored_name(name)!r}")
+
+
+def _start(key: str, index: int, seen: dict[str, int]) -> _Group:
+    """A new group for `key` (lossless); its stored key must be new in the shard."""
+    stored = stored_name(key)
+    group = _Group(key=stored)
+    first = seen.setdefault(stored, index)
+    if first != index:
+        group.fail(f"duplicate_key: key {stored!r} was already used by sample {first} of this shard")
+    return group
 
 
 def iter_samples(stream: BinaryIO, shard: str, max_member_bytes: int = 256 << 20) -> Iterator[RawSample]:
@@ -391,26 +190,28 @@ def iter_samples(stream: BinaryIO, shard: str, max_member_bytes: int = 256 << 20
     stream is not a tar, is truncated, or is corrupt; the caller must then discard the
     whole shard.
     """
-    src, raw, compressed = _open(stream)
+    src, raw, compressed = open_stream(stream)
     index = 0
     group: _Group | None = None
+    current = ""  # the group's key, lossless (group.key is the stored one)
+    seen: dict[str, int] = {}  # stored key -> index of the sample that first used it
     try:
-        for name, size, regular in _members(src):
-            if not regular or is_ignored(name):
+        for name, size, unsupported in members(src):
+            if is_ignored(name):
                 _skip(src, size, name)
                 continue
             key, ext = split_key(name)
-            if group is not None and key != group.key:
+            if group is not None and key != current:
                 yield group.to_sample(index)
                 index += 1
                 group = None
             if group is None:
-                group = _Group(key=key)
-            _add_member(group, src, name, size, ext, max_member_bytes)
+                group, current = _start(key, index, seen), key
+            _add_member(group, src, name, size, ext, unsupported, max_member_bytes)
         if group is not None:
             yield group.to_sample(index)
-    except _Corrupt as e:
-        if src.offset <= _BLOCK:
+    except Corrupt as e:
+        if src.offset <= BLOCK:
             raise ShardReadError(f"{shard}: not a readable tar: {e}") from None
         raise ShardReadError(f"{shard}: truncated or corrupt tar: {e}") from None
     except EOFError as e:  # ours, or the decompressor's (a compressed stream cut short)

@@ -113,13 +113,14 @@ def test_invalid_utf8_caption_is_replaced_not_dropped():
     assert s.error is None and s.text == "caf\ufffd" and s.meta == '{"a": "\ufffd"}'
 
 
-def test_nonadjacent_duplicate_keys_and_empty_key_stay_separate():
+def test_nonadjacent_repeated_key_is_a_duplicate_key_error_and_empty_key_is_a_key():
     data = tar_of([("a.jpg", b"1"), ("b.jpg", b"2"), ("a.jpg", b"3"), (".jpg", b"4"), ("a.txt", b"5")])
     got = read_all(data)
     assert [(s.key, s.index, s.image) for s in got] == [
-        ("a", 0, b"1"), ("b", 1, b"2"), ("a", 2, b"3"), ("", 3, b"4"), ("a", 4, None)
+        ("a", 0, b"1"), ("b", 1, b"2"), ("a", 2, None), ("", 3, b"4"), ("a", 4, None)
     ]  # fmt: skip
-    assert got[4].error.startswith("no_image")
+    dup = "duplicate_key: key 'a' was already used by sample 0 of this shard"
+    assert [s.error for s in got] == [None, None, dup, None, dup]
 
 
 def test_duplicate_extension_in_group_fails_that_sample_only():
@@ -134,7 +135,7 @@ def test_member_without_extension_is_reported():
     assert s.key == "README" and s.error.startswith("no_image") and "(no extension)" in s.error
 
 
-def test_skips_dirs_links_and_junk():
+def test_skips_dirs_and_junk_and_reports_links():
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         d = tarfile.TarInfo("dir")
@@ -148,7 +149,8 @@ def test_skips_dirs_links_and_junk():
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tf.addfile(info, io.BytesIO(payload))
-    (s,) = read_all(buf.getvalue())
+    link, s = read_all(buf.getvalue())
+    assert (link.key, link.error) == ("dir/link", "unsupported_member: symlink 'dir/link.jpg' -> 'x.jpg'")
     assert (s.key, s.image, s.text, s.error) == ("dir/x", b"X", "cap", None)
 
 
@@ -322,13 +324,15 @@ def test_signed_checksum_is_accepted():
     assert s.key == "é" and s.image == b"E"
 
 
-def test_unknown_member_type_is_skipped_and_sparse_is_refused():
+def test_unknown_member_type_and_sparse_are_errors_of_their_sample():
     data = _tar([("x.bin", b"z" * 700), ("a.jpg", b"A")])
     assert data.index(b"x.bin") == 0  # no pax header in front: x.bin's header is the first block
     unknown = _reheader(data, 0, typeflag=b"N")  # an old GNU type: its data is skipped by size
-    assert [(s.key, s.image) for s in read_all(unknown)] == [("a", b"A")]
-    with pytest.raises(ShardReadError, match="sparse"):
-        read_all(_reheader(data, 0, typeflag=b"S"))
+    assert [(s.key, s.image, s.error) for s in read_all(unknown)] == [
+        ("x", None, "unsupported_member: member of type 'N' 'x.bin'"), ("a", b"A", None)]
+    sparse = _reheader(data, 0, typeflag=b"S")  # no extension blocks (byte 482 is 0): data follows
+    assert [(s.key, s.image, s.error) for s in read_all(sparse)] == [
+        ("x", None, "unsupported_member: GNU sparse file 'x.bin'"), ("a", b"A", None)]
 
 
 class _FailingStream(io.RawIOBase):
