@@ -148,3 +148,17 @@ def test_remote_failure_causes_are_one_useful_line():
     text = ("The actor died unexpectedly before finishing this task.\n\tclass_name: TokenizeWorker\n"
             "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR ...")
     assert _cause_line(text) == "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR ..."
+
+
+def test_actor_runtime_env_carries_no_storage_secrets(monkeypatch):
+    """Ray writes an actor's runtime_env in plain text to its logs: WINTOK_S3_OPTIONS (credentials)
+    must not be in it; the storage options reach the workers inside WorkerConfig."""
+    from pipeline.worker import make_actor_class
+
+    monkeypatch.setenv("WINTOK_S3_OPTIONS", '{"key": "K3YID", "secret": "S3CR3T"}')
+    monkeypatch.setenv("WINTOK_S3_UPLOAD_CHUNKSIZE", "5242880")
+    monkeypatch.setenv("WINTOK_FAILPOINTS", "decode@k=raise")
+    monkeypatch.setenv("WINTOK_IO_RETRIES", "2")
+    env = make_actor_class(0.0, 1.0)._default_options["runtime_env"]["env_vars"]
+    assert "S3CR3T" not in repr(env) and "WINTOK_S3_OPTIONS" not in env
+    assert env["WINTOK_FAILPOINTS"] == "decode@k=raise" and env["WINTOK_IO_RETRIES"] == "2"
