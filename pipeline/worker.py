@@ -27,6 +27,7 @@ from .io import Storage, StorageOptions, input_info, open_input
 from .preprocess import PreprocessConfig, SampleError
 from .reader import RawSample, ShardReadError, iter_samples
 from .runner import ModelSpec, Runner
+from .urls import redact_text, redact_url
 from .writer import ShardWriter
 
 log = logging.getLogger("wintok")
@@ -138,7 +139,7 @@ class ShardProcessor:
             return _failure(task, "shard_read", str(e))
         except FileNotFoundError as e:
             writer.discard()
-            return _failure(task, "not_found", f"{task.url}: {e}")
+            return _failure(task, "not_found", f"{redact_url(task.url)}: {e}")
         except OSError as e:
             writer.discard()
             return _failure(task, "io", f"{type(e).__name__}: {e}")
@@ -314,7 +315,7 @@ class ShardProcessor:
             return
         cols: dict[str, Any] = {
             "key": [it.sample.key for it in good],
-            "shard": [task.url] * len(good),
+            "shard": [redact_url(task.url)] * len(good),
             "sample_index": [it.sample.index for it in good],
             "image_hash": [it.digest for it in good],
             "width": [it.width for it in good],
@@ -332,6 +333,7 @@ def _split_reason(text: str) -> tuple[str, str]:
 
 
 def _failure(task: ShardTask, reason: str, error: str) -> dict[str, Any]:
+    error = redact_text(error)  # libraries quote the URLs they read, credentials and all
     log.warning("shard %s attempt %d failed (%s): %s", task.stem, task.attempt, reason, error)
     return {"status": "failed", "stem": task.stem, "reason": reason, "error": error[:4000]}
 

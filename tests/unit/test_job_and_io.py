@@ -11,7 +11,8 @@ import pytest
 
 from pipeline.cli import main as cli_main
 from pipeline.config import JobConfig, JobConfigError, load_job_file, resolve
-from pipeline.io import InputError, Storage, expand_inputs, input_root, shard_stem
+from pipeline.io import InputError, Storage, expand_inputs
+from pipeline.urls import shard_stems
 from schemas import Manifest, TokenLayout, build_rows, column_to_numpy, read_metadata, tokens_schema
 from schemas.manifest import FileRecord
 
@@ -51,10 +52,8 @@ def test_expand_inputs_braces_globs_lists(tmp_path):
     urls = expand_inputs([f"{tmp_path}/{{00000..00001}}.tar", f"{tmp_path}/*.tar", str(listing)])
     assert urls == [f"{tmp_path}/00000.tar", f"{tmp_path}/00001.tar", f"{tmp_path}/00002.tar",
                     f"{tmp_path}/sub/00000.tar"]
-    root = input_root(urls)
-    assert root == str(tmp_path)
-    assert [shard_stem(u, root) for u in urls] == ["00000", "00001", "00002", "sub/00000"]
-    assert shard_stem("s3://b/ds/part-7.tar", "s3://b/ds") == "part-7"
+    assert shard_stems(urls) == ["00000", "00001", "00002", "sub/00000"]
+    assert shard_stems(["s3://b/ds/part-7.tar", "s3://b/ds/part-8.tar"]) == ["part-7", "part-8"]
     with pytest.raises(InputError):
         expand_inputs([f"{tmp_path}/missing-*.tar"])
 
