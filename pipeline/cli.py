@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     from .driver import RunRefused
     from .io import InputError
     from .lease import LeaseError
+    from .urls import redact_text
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("default")
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return a.func(a)
     except (JobConfigError, CheckpointError, ConfigError, RunRefused, InputError, LeaseError,
             FileNotFoundError) as e:
-        print(f"wintok: error: {e}", file=sys.stderr)
+        print(f"wintok: error: {redact_text(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("wintok: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -78,9 +78,12 @@ class JobConfig:
         return dataclasses.replace(self, **kw)
 
     def public_dict(self) -> dict[str, Any]:
-        """The resolved job as saved in `_run.json` (no credentials are ever held here)."""
+        """The resolved job as saved in `_run.json`: credentials masked, URLs redacted (`redact_url`)."""
+        from .urls import redact_url
+
         d = dataclasses.asdict(self)
-        d["inputs"] = list(self.inputs)
+        d["inputs"] = [redact_url(u) for u in self.inputs]
+        d["output"] = redact_url(self.output)
         for secret in ("s3_key", "s3_secret"):
             d[secret] = "***" if d[secret] else None
         return d

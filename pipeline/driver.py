@@ -23,9 +23,10 @@ from typing import Any
 from schemas import SCHEMA_VERSION, FailureRecord, Manifest, fingerprint_digest
 
 from .config import JobConfig
-from .io import Storage, StorageOptions, expand_inputs, input_root, s3_options, shard_stem
+from .io import Storage, StorageOptions, expand_inputs, s3_options
 from .lease import Lease, LeaseLost
 from .runner import ModelSpec
+from .urls import StemError, normalize_stem, redact_text, redact_url, shard_stems
 from .worker import ShardTask, WorkerConfig, make_actor_class
 from .writer import FAILED_DIR, MANIFEST_DIR, RUN_FILE, failed_rel
 
@@ -141,12 +142,15 @@ def _teacher_identity(spec: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- planning
 def plan(cfg: JobConfig, storage: Storage, opts: StorageOptions) -> list[tuple[str, str]]:
     urls = expand_inputs(cfg.inputs, opts)
-    root = input_root(urls)
+    try:
+        names = shard_stems(urls)
+    except StemError as e:
+        raise RunRefused(str(e)) from None
     stems: dict[str, str] = {}
-    for url in urls:
-        stem = shard_stem(url, root)
+    for url, stem in zip(urls, names, strict=True):
         if stem in stems:
-            raise RunRefused(f"inputs {stems[stem]} and {url} would write the same output {stem}")
+            raise RunRefused(f"inputs {redact_url(stems[stem])} and {redact_url(url)} would write the same "
+                             f"output {stem}")
         stems[stem] = url
     return [(url, stem) for stem, url in stems.items()]
 
@@ -178,11 +182,12 @@ def check_run_file(storage: Storage, fp: dict[str, Any], cfg: JobConfig) -> None
 
 
 def committed_stems(storage: Storage) -> set[str]:
-    return {n[: -len(".json")] for n in storage.list(MANIFEST_DIR) if n.endswith(".json")}
+    """Stems of `_manifest/` as listed, through the same normalisation as the plan's stems."""
+    return {normalize_stem(n[: -len(".json")]) for n in storage.list(MANIFEST_DIR) if n.endswith(".json")}
 
 
 def failed_stems(storage: Storage) -> set[str]:
-    return {n[: -len(".json")] for n in storage.list(FAILED_DIR) if n.endswith(".json")}
+    return {normalize_stem(n[: -len(".json")]) for n in storage.list(FAILED_DIR) if n.endswith(".json")}
 
 
 # --------------------------------------------------------------------------- running
@@ -310,7 +315,7 @@ class _Scheduler:
                 log.warning("could not remove the stale failure record of %s: %s", task.stem, e)
             bars.shard_done(m.rows + m.errors)
             return
-        reason, error = result.get("reason", "unknown"), result.get("error", "")
+        reason, error = result.get("reason", "unknown"), redact_text(result.get("error", ""))
         self.history.setdefault(task.stem, []).append(f"attempt {task.attempt}: {reason}: {error[:300]}")
         if task.attempt <= self.cfg.max_retries:
             delay = min(self.cfg.retry_backoff * 2 ** (task.attempt - 1), self.cfg.retry_backoff_max)
@@ -321,7 +326,7 @@ class _Scheduler:
             return
         self.summary.failed += 1
         self.summary.failures[task.stem] = f"{reason}: {error[:500]}"
-        rec = FailureRecord(task.stem, task.url, reason, error, task.attempt,
+        rec = FailureRecord(task.stem, redact_url(task.url), reason, error, task.attempt,
                             dt.datetime.now(dt.timezone.utc).isoformat(), self.history.get(task.stem, []))
         try:
             self.storage.put_bytes(rec.to_json().encode(), failed_rel(task.stem))

@@ -39,6 +39,8 @@ import fsspec
 from braceexpand import braceexpand
 from fsspec.core import url_to_fs
 
+from .urls import has_glob, redact_text, redact_url, s3_credentials, split_url, with_userinfo
+
 OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 SECRET_KEYS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
                "aws_session_token", "session_token", "client_secret", "sas_token", "account_key"}
@@ -154,7 +156,9 @@ def protocol_of(url: str) -> str:
 
 
 def get_fs(url: str, storage: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    opts = (storage or StorageOptions()).for_url(url)
+    """The filesystem and path of `url`; credentials in an s3:// URL's userinfo become its key/secret."""
+    url, creds = s3_credentials(url)
+    opts = {**(storage or StorageOptions()).for_url(url), **creds}
     # s3fs takes its tries per request (its default: 5) only as an attribute
     s3fs_retries = opts.pop("retries", S3FS_TRIES) if protocol_of(url) in ("s3", "s3a") else None
     fs, path = url_to_fs(url, skip_instance_cache=True, **opts)
@@ -271,12 +275,13 @@ def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy, *, upload:
                 raise
             if retry >= policy.retries:
                 err = StorageIOError(getattr(e, "errno", None) or errno.EIO,
-                                     f"{what} failed after {retry + 1} tries: {type(e).__name__}: {e}")
+                                     f"{what} failed after {retry + 1} tries: {type(e).__name__}: "
+                                     f"{redact_text(str(e))}")
                 raise err from e
             retry += 1
             wait = policy.delay(retry)
             log.warning("transient storage error on %s (try %d of %d), retrying in %.2fs: %s: %s",
-                        what, retry, policy.retries + 1, wait, type(e).__name__, str(e)[:300])
+                        what, retry, policy.retries + 1, wait, type(e).__name__, redact_text(str(e))[:300])
             time.sleep(wait)
 
 
@@ -285,22 +290,26 @@ def _unstrip(fs: fsspec.AbstractFileSystem, url: str, path: str) -> str:
 
 
 def expand_inputs(patterns: Iterable[str], storage: StorageOptions | None = None) -> list[str]:
-    """Input shard URLs, deduplicated, in the order given (globs sorted)."""
+    """Input shard URLs, deduplicated, in the order given (globs sorted); local paths made absolute.
+
+    Globs are listed only where the scheme can list: in http(s) URLs `*?[` are literal. The URLs
+    keep their credentials (userinfo, query) for reading; show them only through `redact_url`.
+    """
     out: list[str] = []
     for pattern in patterns:
-        if pattern.endswith(LIST_SUFFIXES):
+        if split_url(pattern).path.endswith(LIST_SUFFIXES):
             out.extend(expand_inputs(_read_list(pattern, storage), storage))
             continue
         for url in braceexpand(pattern):
-            if any(ch in url for ch in "*?["):
+            if has_glob(url):
                 fs, path = get_fs(url, storage)
-                found = sorted(with_retries(lambda fs=fs, path=path: fs.glob(path), f"listing {url}",
+                found = sorted(with_retries(lambda fs=fs, path=path: fs.glob(path), f"listing {redact_url(url)}",
                                             _policy(storage)))
                 if not found:
-                    raise InputError(f"no input matches {url!r}: check the path and the glob")
-                out.extend(_unstrip(fs, url, p) for p in found)
+                    raise InputError(f"no input matches {redact_url(url)!r}: check the path and the glob")
+                out.extend(with_userinfo(_unstrip(fs, url, p), split_url(url).userinfo) for p in found)
             else:
-                out.append(url)
+                out.append(os.path.abspath(url) if split_url(url).local else url)
     seen: set[str] = set()
     unique = [u for u in out if not (u in seen or seen.add(u))]
     if not unique:
@@ -311,35 +320,11 @@ def expand_inputs(patterns: Iterable[str], storage: StorageOptions | None = None
 def _read_list(url: str, storage: StorageOptions | None) -> list[str]:
     fs, path = get_fs(url, storage)
     try:
-        text = with_retries(lambda: fs.cat_file(path), f"reading {url}", _policy(storage)).decode("utf-8")
+        text = with_retries(lambda: fs.cat_file(path), f"reading {redact_url(url)}",
+                            _policy(storage)).decode("utf-8")
     except FileNotFoundError:
-        raise InputError(f"shard list {url!r} not found") from None
+        raise InputError(f"shard list {redact_url(url)!r} not found") from None
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-
-
-def input_root(urls: list[str]) -> str:
-    """The longest common folder of all inputs; stems are paths relative to it."""
-    if len(urls) == 1:
-        return urls[0].rsplit("/", 1)[0] if "/" in urls[0] else ""
-    parts = [u.split("/") for u in urls]
-    common: list[str] = []
-    for segs in zip(*(p[:-1] for p in parts), strict=False):
-        if all(s == segs[0] for s in segs):
-            common.append(segs[0])
-        else:
-            break
-    return "/".join(common)
-
-
-def shard_stem(url: str, root: str) -> str:
-    rel = url[len(root):].lstrip("/") if root and url.startswith(root) else url.split("://", 1)[-1]
-    for ext in (".tar.gz", ".tgz", ".tar"):
-        if rel.endswith(ext):
-            rel = rel[: -len(ext)]
-            break
-    if not rel or rel.startswith("..") or "\\" in rel:
-        raise InputError(f"cannot name an output for input {url!r}")
-    return rel
 
 
 def _policy(storage: StorageOptions | None) -> RetryPolicy:
@@ -363,7 +348,7 @@ class ResilientInput(io.RawIOBase):
 
     def __init__(self, url: str, opener: Callable[[], Any], policy: RetryPolicy) -> None:
         super().__init__()
-        self.url, self._opener, self.policy = url, opener, policy
+        self.url, self._opener, self.policy = redact_url(url), opener, policy  # url: for messages only
         self.pos = 0
         self.reopens = 0
         self._f: Any = None
@@ -416,12 +401,12 @@ class ResilientInput(io.RawIOBase):
                 if retry >= self.policy.retries:
                     raise StorageIOError(getattr(e, "errno", None) or errno.EIO,
                                          f"reading {self.url} at byte {self.pos} failed after {retry + 1} "
-                                         f"tries: {type(e).__name__}: {e}") from e
+                                         f"tries: {type(e).__name__}: {redact_text(str(e))}") from e
                 retry += 1
                 wait = self.policy.delay(retry)
                 log.warning("transient error reading %s at byte %d (try %d of %d), reopening in %.2fs: %s: %s",
                             self.url, self.pos, retry, self.policy.retries + 1, wait, type(e).__name__,
-                            str(e)[:300])
+                            redact_text(str(e))[:300])
                 time.sleep(wait)
 
     def _drop(self) -> None:
@@ -456,7 +441,7 @@ def open_input(url: str, storage: StorageOptions | None = None, block_size: int 
 def input_info(url: str, storage: StorageOptions | None = None) -> tuple[int | None, str | None]:
     """(size, etag) of an input shard."""
     fs, path = get_fs(url, storage)
-    info = with_retries(lambda: fs.info(path), f"stat {url}", _policy(storage))
+    info = with_retries(lambda: fs.info(path), f"stat {redact_url(url)}", _policy(storage))
     return info.get("size"), _etag(info)
 
 
@@ -475,8 +460,8 @@ class Storage:
     """
 
     def __init__(self, url: str, storage: StorageOptions | None = None) -> None:
-        self.url = url.rstrip("/")
-        self.fs, self.root = get_fs(self.url, storage)
+        self.url = redact_url(url.rstrip("/"))  # as shown in messages; credentials only in the fs
+        self.fs, self.root = get_fs(url.rstrip("/"), storage)
         self.protocol = protocol_of(self.url)
         self.policy = _policy(storage)
         self.upload_chunksize = storage.upload_chunksize if storage is not None else None

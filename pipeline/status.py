@@ -10,6 +10,7 @@ from typing import Any
 from schemas import FailureRecord, Manifest
 
 from .io import Storage, StorageOptions
+from .urls import redact_url
 from .writer import FAILED_DIR, MANIFEST_DIR, RUN_FILE
 
 
@@ -40,7 +41,7 @@ def status(output: str, opts: StorageOptions | None = None) -> dict[str, Any]:
     images = sum(m.rows for m in manifests)
     errors = sum(m.errors for m in manifests)
     return {
-        "output": output,
+        "output": redact_url(output),
         "fingerprint_sha256": run.get("fingerprint_sha256"),
         "shards_committed": len(manifests),
         "shards_failed": len(failures),

@@ -28,6 +28,7 @@ from .lease import LeaseLost, check_fence
 from .preprocess import PreprocessConfig, SampleError
 from .reader import RawSample, ShardReadError, iter_samples
 from .runner import ModelSpec, Runner
+from .urls import redact_text, redact_url
 from .writer import ShardWriter
 
 log = logging.getLogger("wintok")
@@ -145,7 +146,7 @@ class ShardProcessor:
             return _failure(task, "shard_read", str(e))
         except FileNotFoundError as e:
             writer.discard()
-            return _failure(task, "not_found", f"{task.url}: {e}")
+            return _failure(task, "not_found", f"{redact_url(task.url)}: {e}")
         except OSError as e:
             writer.discard()
             return _failure(task, "io", f"{type(e).__name__}: {e}")
@@ -321,7 +322,7 @@ class ShardProcessor:
             return
         cols: dict[str, Any] = {
             "key": [it.sample.key for it in good],
-            "shard": [task.url] * len(good),
+            "shard": [redact_url(task.url)] * len(good),
             "sample_index": [it.sample.index for it in good],
             "image_hash": [it.digest for it in good],
             "width": [it.width for it in good],
@@ -339,15 +340,26 @@ def _split_reason(text: str) -> tuple[str, str]:
 
 
 def _failure(task: ShardTask, reason: str, error: str) -> dict[str, Any]:
+    error = redact_text(error)  # libraries quote the URLs they read, credentials and all
     log.warning("shard %s attempt %d failed (%s): %s", task.stem, task.attempt, reason, error)
     return {"status": "failed", "stem": task.stem, "reason": reason, "error": error[:4000]}
+
+
+WORKER_ENV = ("WINTOK_FAILPOINTS", "WINTOK_FAILPOINT_MARK", "WINTOK_CACHE")
+WORKER_ENV_PREFIXES = ("WINTOK_IO_",)
+
+
+def worker_env(environ: Any) -> dict[str, str]:
+    """The driver's variables the workers read themselves, none of them secret (never WINTOK_S3_OPTIONS)."""
+    return {k: v for k, v in environ.items() if k in WORKER_ENV or k.startswith(WORKER_ENV_PREFIXES)}
 
 
 def make_actor_class(num_gpus: float, num_cpus: float, cpu_model: bool = False) -> Any:
     """The Ray actor class with its resources declared (one actor per GPU, or per CPU slot).
 
     Actors are not restarted by Ray: the driver replaces a dead one and re-dispatches its
-    shards. WINTOK_* environment variables of the driver are passed on to the workers.
+    shards. Only the WINTOK_* variables in `WORKER_ENV` are passed on to the workers (Ray logs a
+    runtime_env in plain text; the storage options, credentials included, travel in WorkerConfig).
     `cpu_model`: the model runs on the CPU, beside the decoders.
     """
     import os
@@ -356,7 +368,7 @@ def make_actor_class(num_gpus: float, num_cpus: float, cpu_model: bool = False) 
 
     # MALLOC_ARENA_MAX: without it glibc's per-thread arenas let a long-lived worker's RSS creep
     # up shard after shard (measured: 310 -> 840 MiB over 40 shards; flat at ~520 MiB with 2)
-    env = {"MALLOC_ARENA_MAX": "2", **{k: v for k, v in os.environ.items() if k.startswith("WINTOK_")}}
+    env = {"MALLOC_ARENA_MAX": "2", **worker_env(os.environ)}
     if cpu_model and "OMP_WAIT_POLICY" not in os.environ:
         # torch's OpenMP threads otherwise spin between ops, taking cores from the decoders
         # (measured on wintok-tiny, 2 vCPUs: 458 -> 535-595 img/s, CPU per image 4.1 -> 3.0-3.3 ms)

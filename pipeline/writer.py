@@ -24,6 +24,7 @@ from schemas import FileRecord, Manifest, build_rows, errors_schema
 
 from .faults import failpoint
 from .io import Storage, sha256_file
+from .urls import redact_url
 
 SHARDS_DIR, ERRORS_DIR, MANIFEST_DIR, FAILED_DIR = "shards", "errors", "_manifest", "_failed"
 RUN_FILE = "_run.json"
@@ -82,7 +83,8 @@ class ShardWriter:
 
     def __init__(self, storage: Storage, stem: str, shard_url: str, schema: pa.Schema,
                  fingerprint: dict[str, Any], row_group_rows: int = 1024, tmp_root: str | None = None) -> None:
-        self.storage, self.stem, self.shard_url = storage, stem, shard_url
+        # the input as stored (manifest, error rows): without credentials
+        self.storage, self.stem, self.shard_url = storage, stem, redact_url(shard_url)
         self.tmpdir = tempfile.mkdtemp(prefix="wintok-shard-", dir=tmp_root)
         self.rows = _ParquetSink(os.path.join(self.tmpdir, "rows.parquet"), schema, row_group_rows)
         self.errors_schema = errors_schema(fingerprint)

@@ -11,7 +11,8 @@ import pytest
 
 from pipeline.cli import main as cli_main
 from pipeline.config import JobConfig, JobConfigError, load_job_file, resolve
-from pipeline.io import InputError, Storage, expand_inputs, input_root, shard_stem
+from pipeline.io import InputError, Storage, expand_inputs
+from pipeline.urls import shard_stems
 from schemas import Manifest, TokenLayout, build_rows, column_to_numpy, read_metadata, tokens_schema
 from schemas.manifest import FileRecord
 
@@ -51,10 +52,8 @@ def test_expand_inputs_braces_globs_lists(tmp_path):
     urls = expand_inputs([f"{tmp_path}/{{00000..00001}}.tar", f"{tmp_path}/*.tar", str(listing)])
     assert urls == [f"{tmp_path}/00000.tar", f"{tmp_path}/00001.tar", f"{tmp_path}/00002.tar",
                     f"{tmp_path}/sub/00000.tar"]
-    root = input_root(urls)
-    assert root == str(tmp_path)
-    assert [shard_stem(u, root) for u in urls] == ["00000", "00001", "00002", "sub/00000"]
-    assert shard_stem("s3://b/ds/part-7.tar", "s3://b/ds") == "part-7"
+    assert shard_stems(urls) == ["00000", "00001", "00002", "sub/00000"]
+    assert shard_stems(["s3://b/ds/part-7.tar", "s3://b/ds/part-8.tar"]) == ["part-7", "part-8"]
     with pytest.raises(InputError):
         expand_inputs([f"{tmp_path}/missing-*.tar"])
 
@@ -148,3 +147,17 @@ def test_remote_failure_causes_are_one_useful_line():
     text = ("The actor died unexpectedly before finishing this task.\n\tclass_name: TokenizeWorker\n"
             "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR ...")
     assert _cause_line(text) == "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR ..."
+
+
+def test_actor_runtime_env_carries_no_storage_secrets(monkeypatch):
+    """Ray writes an actor's runtime_env in plain text to its logs: WINTOK_S3_OPTIONS (credentials)
+    must not be in it; the storage options reach the workers inside WorkerConfig."""
+    from pipeline.worker import make_actor_class
+
+    monkeypatch.setenv("WINTOK_S3_OPTIONS", '{"key": "K3YID", "secret": "S3CR3T"}')
+    monkeypatch.setenv("WINTOK_S3_UPLOAD_CHUNKSIZE", "5242880")
+    monkeypatch.setenv("WINTOK_FAILPOINTS", "decode@k=raise")
+    monkeypatch.setenv("WINTOK_IO_RETRIES", "2")
+    env = make_actor_class(0.0, 1.0)._default_options["runtime_env"]["env_vars"]
+    assert "S3CR3T" not in repr(env) and "WINTOK_S3_OPTIONS" not in env
+    assert env["WINTOK_FAILPOINTS"] == "decode@k=raise" and env["WINTOK_IO_RETRIES"] == "2"
