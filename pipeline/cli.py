@@ -99,9 +99,12 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 def cmd_verify(a: argparse.Namespace) -> int:
     from .io import s3_options
-    from .verify import verify
+    from .verify import repair, verify
 
-    report = verify(a.output, s3_options(a.s3_endpoint_url, a.s3_profile, a.s3_anon))
+    opts = s3_options(a.s3_endpoint_url, a.s3_profile, a.s3_anon)
+    report = verify(a.output, opts)
+    if a.repair and report.damaged:
+        repair(a.output, report, opts)
     print(json.dumps(report.to_dict(), indent=1) if a.json else report.render())
     return EXIT_OK if report.clean(strict=a.strict) else EXIT_FAILED
 
@@ -140,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--s3-anon", action="store_true")
         if name == "verify":
             s.add_argument("--strict", action="store_true", help="uncommitted leftovers count as problems")
+            s.add_argument("--repair", action="store_true",
+                           help="un-commit every damaged shard (remove its manifest and files) so that a plain "
+                                "rerun of the tokenize command redoes exactly those")
         s.set_defaults(func=func)
     c = sub.add_parser("convert-checkpoint", help="official WinTok .pth -> model directory (safetensors)")
     c.add_argument("src")
@@ -154,27 +160,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# user mistakes that end in one line and exit status 2: (module, class). Looked up in sys.modules
+# only, so that catching them imports nothing: `status` and `verify` must not pay for torch and Ray.
+_USER_ERRORS = (("pipeline.config", "JobConfigError"), ("pipeline.io", "InputError"),
+                ("pipeline.status", "OutputError"),
+                ("pipeline.lease", "LeaseHeld"), ("pipeline.driver", "RunRefused"),
+                ("wintok_model.checkpoint", "CheckpointError"), ("wintok_model.config", "ConfigError"))
+
+
+def _is_user_error(e: BaseException) -> bool:
+    if isinstance(e, FileNotFoundError):
+        return True
+    types = [getattr(sys.modules[m], n) for m, n in _USER_ERRORS if m in sys.modules]
+    return isinstance(e, tuple(types))
+
+
 def main(argv: list[str] | None = None) -> int:
-    from wintok_model.checkpoint import CheckpointError
-    from wintok_model.config import ConfigError
-
-    from .config import JobConfigError
-    from .driver import RunRefused
-    from .io import InputError
-    from .lease import LeaseHeld
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("default")
     a = build_parser().parse_args(argv)
     try:
         return a.func(a)
-    except (JobConfigError, CheckpointError, ConfigError, RunRefused, InputError, LeaseHeld,
-            FileNotFoundError) as e:
-        print(f"wintok: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print("wintok: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
+        print(f"wintok: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

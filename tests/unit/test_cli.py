@@ -1,0 +1,112 @@
+"""The CLI's promises: one line (exit 2) for a user mistake, verify reports damage, status/verify
+need neither torch nor Ray, every option has help. OUTPUTs here are written by the pipeline's own
+ShardWriter (real Parquet, real manifests) without a model, so these tests need no Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline.cli import EXIT_USAGE, main
+from pipeline.io import Storage
+from pipeline.writer import RUN_FILE, ShardWriter
+from schemas import TokenLayout, fingerprint_digest, tokens_schema
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FP = {"schema_version": 1, "test": "cli"}
+
+
+def write_output(root: str, stems: tuple[str, ...] = ("00000", "00001", "00002"), rows: int = 3) -> str:
+    """A committed OUTPUT: per stem `rows` rows and one error record, as a run would leave it."""
+    storage = Storage(root)
+    digest = fingerprint_digest(FP)
+    storage.put_bytes(json.dumps({"fingerprint_sha256": digest, "fingerprint": FP}).encode(), RUN_FILE)
+    schema = tokens_schema(TokenLayout(pixel_ids=(1, 2, 2)), FP)
+    for stem in stems:
+        w = ShardWriter(storage, stem, f"/in/{stem}.tar", schema, FP)
+        w.add_rows({"key": [f"{stem}-{i}" for i in range(rows)], "shard": [f"/in/{stem}.tar"] * rows,
+                    "sample_index": list(range(rows)), "image_hash": [bytes(16)] * rows,
+                    "width": [4] * rows, "height": [4] * rows,
+                    "pixel_ids": np.arange(rows * 4).reshape(rows, 1, 2, 2), "text": [None] * rows,
+                    "meta": [None] * rows})
+        w.add_error(f"{stem}-{rows}", rows, "decode", "truncated", "cut short")
+        w.commit(input_size=1, input_etag=None, attempts=1, seconds=0.5, run_fingerprint=digest)
+        w.cleanup()
+    return root
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    rc = main(args)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_verify_reports_unreadable_manifests_as_problems(tmp_path, capsys):
+    out = write_output(str(tmp_path / "out"))
+    assert run_cli(["verify", out], capsys)[0] == 0
+    (tmp_path / "out" / "_manifest" / "00000.json").write_text("{not json")
+    (tmp_path / "out" / "_manifest" / "00001.json").write_text("{}")
+    rc, text, err = run_cli(["verify", out], capsys)
+    assert rc == 1 and "Traceback" not in err
+    problems = [ln for ln in text.splitlines() if ln.startswith("PROBLEM")]
+    assert len(problems) == 2
+    assert "_manifest/00000.json: unreadable manifest: not JSON" in problems[0]
+    assert "_manifest/00001.json: unreadable manifest: not a manifest" in problems[1]
+    assert "checked 1 committed shards" in text  # the good one is still checked
+    rc, text, _ = run_cli(["verify", out, "--json"], capsys)
+    assert json.loads(text)["damaged_shards"] == ["00000", "00001"]
+
+
+@pytest.mark.parametrize("content", ["{not json", "{}", "[1, 2]", '{"stem": 3}'])
+def test_status_with_a_damaged_manifest_is_one_line(tmp_path, capsys, content):
+    out = write_output(str(tmp_path / "out"))
+    (tmp_path / "out" / "_manifest" / "00002.json").write_text(content)
+    rc, text, err = run_cli(["status", out], capsys)
+    assert rc == EXIT_USAGE and text == ""
+    assert len(err.strip().splitlines()) == 1
+    assert "00002.json is damaged" in err and f"wintok verify {out} --repair" in err
+
+
+@pytest.mark.parametrize("cmd", ["status", "verify"])
+def test_damaged_run_file_is_one_line(tmp_path, capsys, cmd):
+    out = write_output(str(tmp_path / "out"), stems=("a",))
+    (tmp_path / "out" / RUN_FILE).write_bytes(b"\x00garbage")
+    rc, _, err = run_cli([cmd, out], capsys)
+    assert rc == EXIT_USAGE and len(err.strip().splitlines()) == 1 and "--overwrite" in err
+
+
+def test_repair_removes_exactly_the_damaged_shards(tmp_path, capsys):
+    out = write_output(str(tmp_path / "out"), stems=("a", "b", "c", "d"))
+    (tmp_path / "out" / "_manifest" / "a.json").write_text("{}")
+    with open(tmp_path / "out" / "shards" / "b.parquet", "r+b") as f:
+        f.truncate(100)
+    before = {n: os.stat(tmp_path / "out" / "_manifest" / f"{n}.json").st_mtime_ns for n in "cd"}
+    rc, text, _ = run_cli(["verify", out, "--repair"], capsys)
+    assert rc == 1
+    removed = sorted(ln.split()[1] for ln in text.splitlines() if ln.startswith("removed "))
+    assert removed == ["_manifest/a.json", "_manifest/b.json", "errors/a.parquet", "errors/b.parquet",
+                       "shards/a.parquet", "shards/b.parquet"]
+    assert {n: os.stat(tmp_path / "out" / "_manifest" / f"{n}.json").st_mtime_ns for n in "cd"} == before
+    assert not (tmp_path / "out" / "_lease.json").exists()
+    rc, text, _ = run_cli(["verify", out], capsys)
+    assert rc == 0 and "checked 2 committed shards" in text and "uncommitted" not in text
+
+
+def _fresh(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": REPO}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.parametrize("cmd", ["status", "verify"])
+def test_status_and_verify_import_no_torch_or_ray(tmp_path, cmd):
+    out = write_output(str(tmp_path / "out"))
+    code = (f"import sys; from pipeline.cli import main; rc = main([{cmd!r}, {out!r}]); "
+            "heavy = [m for m in ('torch', 'ray', 'transformers') if m in sys.modules]; "
+            "print('RC', rc, 'HEAVY', heavy)")
+    r = _fresh(code)
+    assert "RC 0 HEAVY []" in r.stdout, r.stdout + r.stderr
