@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from typing import Any
@@ -79,10 +80,29 @@ def _job_from_args(a: argparse.Namespace, teacher_only: bool) -> Any:
     return cfg
 
 
+def _check_output_is_a_folder(output: str) -> None:
+    """A local OUTPUT (or a folder above it) that is an existing file: one line, before anything starts."""
+    from .config import JobConfigError
+    from .io import protocol_of
+
+    if protocol_of(output) != "file":
+        return
+    target = path = os.path.abspath(output.split("://", 1)[-1])
+    while not os.path.exists(path):
+        if os.path.dirname(path) == path:
+            return
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        where = "is" if path == target else f"is inside {path}, which is"
+        raise JobConfigError(f"OUTPUT {output} {where} an existing file: give a new folder, or one that "
+                             "an earlier wintok run wrote")
+
+
 def cmd_tokenize(a: argparse.Namespace, teacher_only: bool = False) -> int:
     from .driver import run_job
 
     cfg = _job_from_args(a, teacher_only)
+    _check_output_is_a_folder(cfg.output)
     summary = run_job(cfg)
     print(json.dumps(summary.to_dict(), indent=1) if a.json else summary.render())
     return EXIT_OK if summary.ok else EXIT_FAILED
@@ -165,7 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
 _USER_ERRORS = (("pipeline.config", "JobConfigError"), ("pipeline.io", "InputError"),
                 ("pipeline.status", "OutputError"),
                 ("pipeline.lease", "LeaseHeld"), ("pipeline.driver", "RunRefused"),
-                ("wintok_model.checkpoint", "CheckpointError"), ("wintok_model.config", "ConfigError"))
+                ("wintok_model.checkpoint", "CheckpointError"), ("wintok_model.config", "ConfigError"),
+                ("braceexpand", "UnbalancedBracesError"))
+
+
+def _message(e: BaseException) -> str:
+    if type(e).__name__ == "UnbalancedBracesError":  # braceexpand's, raised while expanding INPUT
+        return (f"{e}: close every '{{' of the input pattern (a range is written {{00000..00099}}) and quote "
+                "the pattern so that the shell passes it on as it is")
+    return str(e)
 
 
 def _is_user_error(e: BaseException) -> bool:
@@ -187,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not _is_user_error(e):
             raise
-        print(f"wintok: error: {e}", file=sys.stderr)
+        print(f"wintok: error: {_message(e)}", file=sys.stderr)
         return EXIT_USAGE
 
 

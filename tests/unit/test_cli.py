@@ -110,3 +110,28 @@ def test_status_and_verify_import_no_torch_or_ray(tmp_path, cmd):
             "print('RC', rc, 'HEAVY', heavy)")
     r = _fresh(code)
     assert "RC 0 HEAVY []" in r.stdout, r.stdout + r.stderr
+
+
+def _one_line_exit_2(args: list[str], capsys) -> str:
+    rc, out, err = run_cli(args, capsys)
+    assert rc == EXIT_USAGE, (rc, out, err)
+    assert len(err.strip().splitlines()) == 1 and err.startswith("wintok: error: "), err
+    return err
+
+
+@pytest.mark.parametrize("pattern", ["{00000..00002.tar", "x}.tar", "{a,b.tar"])
+def test_malformed_brace_pattern_is_one_line(tmp_path, capsys, pattern):
+    err = _one_line_exit_2(["tokenize", f"{tmp_path}/{pattern}", str(tmp_path / "out"), "--model", "wintok-tiny",
+                            "--no-progress"], capsys)
+    assert "Unbalanced braces" in err and "{00000..00099}" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_output_that_is_an_existing_file_is_one_line(tmp_path, capsys, below):
+    (tmp_path / "afile").write_bytes(b"x")
+    output = tmp_path / "afile" / "sub" if below else tmp_path / "afile"
+    err = _one_line_exit_2(["tokenize", str(tmp_path / "in.tar"), str(output), "--model", "wintok-tiny",
+                            "--no-progress"], capsys)
+    assert "existing file" in err and "give a new folder" in err
+    assert (tmp_path / "afile").read_bytes() == b"x"
