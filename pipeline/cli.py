@@ -24,7 +24,8 @@ def _job_args(p: argparse.ArgumentParser, teacher_only: bool = False) -> None:
     p.add_argument("--job", help="YAML job file (see jobs/); flags override it")
     p.add_argument("--output", help="OUTPUT URL (instead of the last positional argument)")
     if not teacher_only:
-        p.add_argument("--model", help="preset name, model directory, or official .pth (default wintok-tiny)")
+        p.add_argument("--model", help="model directory, official .pth, or preset name (wintok-tiny...: RANDOM "
+                                            "weights); required unless the job file names one")
         p.add_argument("--encoder-config", help="SigLIP config.json (or folder) for an official .pth")
         _bool(p, "--allow-pickle", "allow checkpoints that need pickled code (only for files you trust)")
         p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], help="auto: bf16 on GPU, fp32 on CPU")
@@ -57,8 +58,13 @@ def _job_args(p: argparse.ArgumentParser, teacher_only: bool = False) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
+MODEL_REQUIRED = ("tokenize needs --model: a model directory, an official .pth, or a preset name "
+                  "(wintok-tiny, wintok-small, wintok-so400m-256: RANDOM weights); teacher embeddings only: "
+                  "`wintok embed` or --no-tokenizer")
+
+
 def _job_from_args(a: argparse.Namespace, teacher_only: bool) -> Any:
-    from .config import JobConfigError, resolve
+    from .config import JobConfigError, load_job_file, resolve
 
     paths = list(a.paths)
     output = a.output
@@ -72,12 +78,22 @@ def _job_from_args(a: argparse.Namespace, teacher_only: bool) -> Any:
         overrides["model"] = None
         if not a.teacher:
             raise JobConfigError("teacher-only mode needs --teacher")
-    elif a.model is None and a.job is None:
-        overrides["model"] = "wintok-tiny"
+    elif a.model is None and not (a.job and load_job_file(a.job).get("model")):
+        raise JobConfigError(MODEL_REQUIRED)
     cfg = resolve(a.job, overrides)
     if teacher_only and cfg.model is not None:
         cfg = cfg.replace(model=None)
     return cfg
+
+
+def preset_warning(model: str | None) -> str | None:
+    """The one line to print when `model` names a preset (random weights), else None."""
+    from wintok_model.config import PRESETS
+
+    if model is None or model not in PRESETS or os.path.exists(model):
+        return None
+    return (f"wintok: warning: model {model!r} is a preset with RANDOM weights: its tokens mean nothing; "
+            "give --model a trained checkpoint (a model directory or an official .pth) for real tokens")
 
 
 def _check_output_is_a_folder(output: str) -> None:
@@ -103,6 +119,9 @@ def cmd_tokenize(a: argparse.Namespace, teacher_only: bool = False) -> int:
 
     cfg = _job_from_args(a, teacher_only)
     _check_output_is_a_folder(cfg.output)
+    warning = preset_warning(cfg.model)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     summary = run_job(cfg)
     print(json.dumps(summary.to_dict(), indent=1) if a.json else summary.render())
     return EXIT_OK if summary.ok else EXIT_FAILED

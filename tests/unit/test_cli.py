@@ -115,8 +115,9 @@ def test_status_and_verify_import_no_torch_or_ray(tmp_path, cmd):
 def _one_line_exit_2(args: list[str], capsys) -> str:
     rc, out, err = run_cli(args, capsys)
     assert rc == EXIT_USAGE, (rc, out, err)
-    assert len(err.strip().splitlines()) == 1 and err.startswith("wintok: error: "), err
-    return err
+    lines = [ln for ln in err.splitlines() if not ln.startswith("wintok: warning: ")]  # e.g. a preset's
+    assert len(lines) == 1 and lines[0].startswith("wintok: error: "), err
+    return lines[0]
 
 
 @pytest.mark.parametrize("pattern", ["{00000..00002.tar", "x}.tar", "{a,b.tar"])
@@ -135,3 +136,33 @@ def test_output_that_is_an_existing_file_is_one_line(tmp_path, capsys, below):
                             "--no-progress"], capsys)
     assert "existing file" in err and "give a new folder" in err
     assert (tmp_path / "afile").read_bytes() == b"x"
+
+
+def test_tokenize_without_a_model_is_one_line(tmp_path, capsys):
+    args = [f"{tmp_path}/in.tar", str(tmp_path / "out"), "--no-progress"]
+    err = _one_line_exit_2(["tokenize", *args], capsys)
+    assert "tokenize needs --model" in err and "wintok embed" in err
+    job = tmp_path / "job.yaml"
+    job.write_text(f"inputs: [{tmp_path}/in.tar]\noutput: {tmp_path}/out\n")
+    assert "tokenize needs --model" in _one_line_exit_2(["tokenize", "--job", str(job)], capsys)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("how", ["flag", "job"])
+def test_a_preset_model_warns_on_stderr(tmp_path, capsys, how):
+    job = tmp_path / "job.yaml"
+    job.write_text(f"inputs: [{tmp_path}/nothing-*.tar]\noutput: {tmp_path}/out\nmodel: wintok-tiny\n")
+    args = ["--job", str(job)] if how == "job" else [f"{tmp_path}/nothing-*.tar", str(tmp_path / "out"),
+                                                    "--model", "wintok-tiny"]
+    rc, _, err = run_cli(["tokenize", *args], capsys)
+    assert rc == EXIT_USAGE and "no input matches" in err  # the run stops later, for its own reason
+    warning = [ln for ln in err.splitlines() if "RANDOM weights" in ln]
+    assert len(warning) == 1 and warning[0].startswith("wintok: warning: model 'wintok-tiny' is a preset")
+
+
+def test_a_model_directory_does_not_warn(tmp_path, capsys):
+    d = tmp_path / "wintok-tiny"  # a directory that happens to carry a preset's name is not a preset
+    d.mkdir()
+    rc, _, err = run_cli(["tokenize", f"{tmp_path}/nothing-*.tar", str(tmp_path / "out"), "--model", str(d)],
+                         capsys)
+    assert rc == EXIT_USAGE and "RANDOM" not in err
