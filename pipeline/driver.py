@@ -61,7 +61,9 @@ class Summary:
             "errors_by_reason": dict(self.errors_by_reason), "failed_shards": self.failures,
             "wall_seconds": round(self.wall_seconds, 2), "workers": self.workers,
             "worker_start_deaths": self.worker_start_deaths,
-            "images_per_second": round((self.images + self.errors) / self.wall_seconds, 2)
+            # images tokenized (rows written) per second of wall time; sample errors are not images
+            "images_per_second": round(self.images / self.wall_seconds, 2) if self.wall_seconds > 0 else 0.0,
+            "samples_per_second": round((self.images + self.errors) / self.wall_seconds, 2)
             if self.wall_seconds > 0 else 0.0,
         }
 
@@ -72,7 +74,8 @@ class Summary:
             f"of {self.planned}",
             f"images: {self.images} tokenized, {self.errors} sample errors"
             + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(self.errors_by_reason.items()))})" if self.errors else ""),
-            f"throughput: {d['images_per_second']} img/s over {d['wall_seconds']} s with {self.workers} worker(s)"
+            f"throughput: {d['images_per_second']} img/s (images tokenized per second of wall time) over "
+            f"{d['wall_seconds']} s with {self.workers} worker(s)"
             if self.done or self.failed else "nothing to do: every shard was already committed",
         ]
         if self.worker_start_deaths:

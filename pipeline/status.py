@@ -113,19 +113,21 @@ def status(output: str, opts: StorageOptions | None = None) -> dict[str, Any]:
         "sample_errors": errors,
         "errors_by_reason": dict(reasons),
         "worker_seconds": round(seconds, 2),
-        "images_per_worker_second": round((images + errors) / seconds, 2) if seconds else 0.0,
+        "images_per_worker_second": round(images / seconds, 2) if seconds else 0.0,
         "failed": {f.stem: f"{f.reason}: {f.error[:300]}" for f in failures},
         "output_bytes": sum(m.shards_file.bytes + (m.errors_file.bytes if m.errors_file else 0) for m in manifests),
     }
 
 
-def render(s: dict[str, Any]) -> str:
+def render(s: dict[str, Any], speed: bool = True) -> str:
+    """`speed=False` leaves the per-worker-second figure out (the demo shows the run's own img/s)."""
     lines = [
         f"{s['output']}: {s['shards_committed']} shards committed, {s['shards_failed']} failed",
         f"images: {s['images']} tokenized, {s['sample_errors']} sample errors"
         + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(s['errors_by_reason'].items()))})"
            if s["sample_errors"] else ""),
-        f"output: {s['output_bytes'] / 1e6:.2f} MB; {s['images_per_worker_second']} img/s per worker-second",
+        f"output: {s['output_bytes'] / 1e6:.2f} MB"
+        + (f"; {s['images_per_worker_second']} images tokenized per worker-second" if speed else ""),
     ]
     lines += [f"FAILED {k}: {v}" for k, v in sorted(s["failed"].items())]
     return "\n".join(lines)

@@ -21,8 +21,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FP = {"schema_version": 1, "test": "cli"}
 
 
-def write_output(root: str, stems: tuple[str, ...] = ("00000", "00001", "00002"), rows: int = 3) -> str:
-    """A committed OUTPUT: per stem `rows` rows and one error record, as a run would leave it."""
+def write_output(root: str, stems: tuple[str, ...] = ("00000", "00001", "00002"), rows: int = 3,
+                 errors: int = 1) -> str:
+    """A committed OUTPUT: per stem `rows` rows and `errors` error records, as a run would leave it."""
     storage = Storage(root)
     digest = fingerprint_digest(FP)
     storage.put_bytes(json.dumps({"fingerprint_sha256": digest, "fingerprint": FP}).encode(), RUN_FILE)
@@ -34,7 +35,8 @@ def write_output(root: str, stems: tuple[str, ...] = ("00000", "00001", "00002")
                     "width": [4] * rows, "height": [4] * rows,
                     "pixel_ids": np.arange(rows * 4).reshape(rows, 1, 2, 2), "text": [None] * rows,
                     "meta": [None] * rows})
-        w.add_error(f"{stem}-{rows}", rows, "decode", "truncated", "cut short")
+        for i in range(rows, rows + errors):
+            w.add_error(f"{stem}-{i}", i, "decode", "unidentified", "not a supported image")
         w.commit(input_size=1, input_etag=None, attempts=1, seconds=0.5, run_fingerprint=digest)
         w.cleanup()
     return root
@@ -166,3 +168,20 @@ def test_a_model_directory_does_not_warn(tmp_path, capsys):
     rc, _, err = run_cli(["tokenize", f"{tmp_path}/nothing-*.tar", str(tmp_path / "out"), "--model", str(d)],
                          capsys)
     assert rc == EXIT_USAGE and "RANDOM" not in err
+
+
+def test_throughput_counts_tokenized_images_only(tmp_path, capsys):
+    from pipeline.driver import Summary
+
+    only_errors = Summary(planned=1, done=1, images=0, errors=1203, wall_seconds=24.5, workers=1)
+    d = only_errors.to_dict()
+    assert d["images_per_second"] == 0.0 and d["samples_per_second"] == round(1203 / 24.5, 2)
+    assert "throughput: 0.0 img/s" in only_errors.render()
+    mixed = Summary(planned=1, done=1, images=30, errors=10, wall_seconds=2.0, workers=1).to_dict()
+    assert (mixed["images_per_second"], mixed["samples_per_second"]) == (15.0, 20.0)
+    out = write_output(str(tmp_path / "out"), stems=("a", "b"), rows=0, errors=5)  # 0.5 s per shard
+    rc, text, _ = run_cli(["status", out, "--json"], capsys)
+    st = json.loads(text)
+    assert rc == 0 and st["images"] == 0 and st["sample_errors"] == 10 and st["images_per_worker_second"] == 0.0
+    out = write_output(str(tmp_path / "out2"), stems=("a", "b"), rows=4, errors=4)
+    assert json.loads(run_cli(["status", out, "--json"], capsys)[1])["images_per_worker_second"] == 8.0
