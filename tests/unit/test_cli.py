@@ -185,3 +185,44 @@ def test_throughput_counts_tokenized_images_only(tmp_path, capsys):
     assert rc == 0 and st["images"] == 0 and st["sample_errors"] == 10 and st["images_per_worker_second"] == 0.0
     out = write_output(str(tmp_path / "out2"), stems=("a", "b"), rows=4, errors=4)
     assert json.loads(run_cli(["status", out, "--json"], capsys)[1])["images_per_worker_second"] == 8.0
+
+
+def test_progress_without_a_terminal_is_plain_lines_every_interval(tmp_path):
+    import io
+    import time
+
+    from pipeline.driver import _Progress
+
+    log = io.StringIO()  # not a terminal: no bars
+    p = _Progress(3, enabled=True, interval=0.2, stream=log)
+    p.shard_done(4, 1)
+    assert log.getvalue() == ""  # the first line comes after `interval` seconds, not per shard
+    time.sleep(0.25)
+    p.shard_done(5, 0)
+    p.shard_failed()
+    p.close()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("progress: 2/3 shards (0 failed), 9 images tokenized, 1 sample errors, ")
+    assert lines[1].startswith("progress: 3/3 shards (1 failed), 9 images tokenized, 1 sample errors, ")
+    assert "\r" not in log.getvalue() and "\x1b" not in log.getvalue()
+    quiet = io.StringIO()
+    q = _Progress(1, enabled=False, interval=0.0, stream=quiet)
+    q.shard_done(1)
+    q.close()
+    assert quiet.getvalue() == ""
+
+
+def test_progress_on_a_terminal_uses_bars(tmp_path):
+    import pty
+
+    from pipeline.driver import _Progress
+
+    master, slave = pty.openpty()
+    with os.fdopen(slave, "w") as tty:
+        p = _Progress(2, enabled=True, stream=tty)
+        p.shard_done(3)
+        p.close()
+    out = os.read(master, 65536).decode()
+    os.close(master)
+    assert "shards" in out and "\r" in out and "progress: " not in out
