@@ -114,6 +114,17 @@ def _check_output_is_a_folder(output: str) -> None:
                              "an earlier wintok run wrote")
 
 
+def _quiet_local_ray_auth(address: str | None) -> None:
+    """Before Ray is imported (it reads RAY_AUTH_MODE once, at import): when this run starts a
+    local Ray (no --address / RAY_ADDRESS, as in cluster.start_ray), name the auth mode Ray picks
+    for a new local cluster anyway, token (a token in ~/.ray/auth_token, made if missing). Left
+    unset, Ray picks the same mode and logs 'Token authentication is enabled...' on every run.
+    A cluster being joined keeps its own mode: nothing is set then."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if (not address or address == "local") and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
 def cmd_tokenize(a: argparse.Namespace, teacher_only: bool = False) -> int:
     from .driver import run_job
 
@@ -122,6 +133,7 @@ def cmd_tokenize(a: argparse.Namespace, teacher_only: bool = False) -> int:
     warning = preset_warning(cfg.model)
     if warning:
         print(warning, file=sys.stderr, flush=True)
+    _quiet_local_ray_auth(cfg.address)
     summary = run_job(cfg)
     print(json.dumps(summary.to_dict(), indent=1) if a.json else summary.render())
     return EXIT_OK if summary.ok else EXIT_FAILED
@@ -160,6 +172,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    _quiet_local_ray_auth(None)
     return run_demo(a.dir, workers=a.workers)
 
 
