@@ -31,30 +31,37 @@ def _job_args(p: argparse.ArgumentParser, teacher_only: bool = False) -> None:
         p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], help="auto: bf16 on GPU, fp32 on CPU")
         _bool(p, "--semantic-tokens", "also store the (N, D) semantic tokens (large)")
         _bool(p, "--no-tokenizer", "teacher embeddings only (same as `wintok embed`)")
-    p.add_argument("--teacher", help="teacher model folder or model id in the local HF cache")
-    p.add_argument("--teacher-dtype", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--teacher", help="teacher model folder or model id in the local HF cache "
+                                     "(its pooled embedding is stored next to the tokens)")
+    p.add_argument("--teacher-dtype", choices=["auto", "bf16", "fp32"],
+                   help="precision of the teacher (auto: bf16 on GPU, fp32 on CPU)")
     _bool(p, "--teacher-patch-tokens", "also store the teacher's patch features")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the models run (auto: cuda if visible)")
     _bool(p, "--compile", "torch.compile the encoder")
-    p.add_argument("--resize", choices=["center-crop", "squash"])
-    p.add_argument("--max-image-pixels", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--resize", choices=["center-crop", "squash"],
+                   help="center-crop: the central square, resized (default); squash: the whole image resized")
+    p.add_argument("--max-image-pixels", type=int,
+                   help="images with more pixels (from the header) are decompression_bomb errors (default 89478485)")
+    p.add_argument("--batch-size", type=int, help="images per model call (default 64)")
     p.add_argument("--decode-threads", type=int, help="decoders per worker (threads or processes)")
     p.add_argument("--decode-mode", choices=["auto", "threads", "processes"],
                    help="decode in threads of the worker or in child processes (auto: processes on GPU workers)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--workers", type=int, help="CPU workers when there are no GPUs")
     p.add_argument("--torch-threads", type=int, help="intra-op threads of each CPU worker")
-    p.add_argument("--max-retries", type=int)
-    p.add_argument("--retry-backoff", type=float, help="seconds before the first retry (doubles each time)")
+    p.add_argument("--max-retries", type=int, help="retries of a failed shard before it is recorded in _failed/ "
+                                                   "(default 3)")
+    p.add_argument("--retry-backoff", type=float, help="seconds before the first retry (doubles each time; "
+                                                       "default 2)")
     _bool(p, "--overwrite", "redo every shard even if OUTPUT holds a different run")
     _bool(p, "--retry-failed", "only take up the shards recorded as failed")
-    p.add_argument("--s3-endpoint-url")
-    p.add_argument("--s3-profile")
+    p.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, ...); default AWS")
+    p.add_argument("--s3-profile", help="AWS profile for S3 credentials (~/.aws/credentials)")
     _bool(p, "--s3-anon", "anonymous S3 access")
-    p.add_argument("--s3-key", help="prefer AWS_* variables or --s3-profile; never written anywhere")
-    p.add_argument("--s3-secret", help="prefer AWS_* variables or --s3-profile; never written anywhere")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--s3-key", help="S3 access key id; prefer AWS_* variables or --s3-profile; never written anywhere")
+    p.add_argument("--s3-secret", help="S3 secret key; prefer AWS_* variables or --s3-profile; never written anywhere")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress on stderr (bars on a terminal, a line every 30 s otherwise)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -188,11 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext, func in (("status", "summarise an OUTPUT from its manifests", cmd_status),
                                  ("verify", "check every manifest against its files", cmd_verify)):
         s = sub.add_parser(name, help=helptext)
-        s.add_argument("output")
-        s.add_argument("--json", action="store_true")
-        s.add_argument("--s3-endpoint-url")
-        s.add_argument("--s3-profile")
-        s.add_argument("--s3-anon", action="store_true")
+        s.add_argument("output", metavar="OUTPUT", help="the OUTPUT URL a tokenize run wrote")
+        s.add_argument("--json", action="store_true", help="print the report as JSON")
+        s.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, ...); default AWS")
+        s.add_argument("--s3-profile", help="AWS profile for S3 credentials (~/.aws/credentials)")
+        s.add_argument("--s3-anon", action="store_true", help="anonymous S3 access")
         if name == "verify":
             s.add_argument("--strict", action="store_true", help="uncommitted leftovers count as problems")
             s.add_argument("--repair", action="store_true",
@@ -200,14 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 "rerun of the tokenize command redoes exactly those")
         s.set_defaults(func=func)
     c = sub.add_parser("convert-checkpoint", help="official WinTok .pth -> model directory (safetensors)")
-    c.add_argument("src")
-    c.add_argument("out_dir")
-    c.add_argument("--encoder-config")
-    c.add_argument("--allow-pickle", action="store_true")
+    c.add_argument("src", help="the official WinTok .pth checkpoint")
+    c.add_argument("out_dir", help="model directory to write (config.json + model.safetensors)")
+    c.add_argument("--encoder-config", help="SigLIP config.json (or folder) the checkpoint was trained from")
+    c.add_argument("--allow-pickle", action="store_true",
+                   help="allow a checkpoint that needs pickled code (only for files you trust)")
     c.set_defaults(func=cmd_convert)
     d = sub.add_parser("demo", help="make a small photo corpus and tokenize it on a local Ray (CPU ok)")
-    d.add_argument("--dir", default="wintok_demo")
-    d.add_argument("--workers", type=int, default=None)
+    d.add_argument("--dir", default="wintok_demo", help="folder for the demo corpus and output (default wintok_demo)")
+    d.add_argument("--workers", type=int, default=None, help="CPU workers (default: one per 4 CPUs)")
     d.set_defaults(func=cmd_demo)
     return p
 

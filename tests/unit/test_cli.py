@@ -4,6 +4,7 @@ ShardWriter (real Parquet, real manifests) without a model, so these tests need 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.cli import EXIT_USAGE, main
+from pipeline.cli import EXIT_USAGE, build_parser, main
 from pipeline.io import Storage
 from pipeline.writer import RUN_FILE, ShardWriter
 from schemas import TokenLayout, fingerprint_digest, tokens_schema
@@ -226,3 +227,19 @@ def test_progress_on_a_terminal_uses_bars(tmp_path):
     out = os.read(master, 65536).decode()
     os.close(master)
     assert "shards" in out and "\r" in out and "progress: " not in out
+
+
+def test_every_option_has_help():
+    seen = []
+
+    def walk(parser: argparse.ArgumentParser, where: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"wintok {name}")
+            elif action.dest != "help":
+                seen.append(action)
+                assert action.help, f"{where} {'/'.join(action.option_strings) or action.dest} has no help text"
+
+    walk(build_parser(), "wintok")
+    assert len(seen) > 50  # the walk reached every subcommand's options
