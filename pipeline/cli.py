@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from typing import Any
@@ -23,43 +24,56 @@ def _job_args(p: argparse.ArgumentParser, teacher_only: bool = False) -> None:
     p.add_argument("--job", help="YAML job file (see jobs/); flags override it")
     p.add_argument("--output", help="OUTPUT URL (instead of the last positional argument)")
     if not teacher_only:
-        p.add_argument("--model", help="preset name, model directory, or official .pth (default wintok-tiny)")
+        p.add_argument("--model", help="model directory, official .pth, or preset name (wintok-tiny...: RANDOM "
+                                            "weights); required unless the job file names one")
         p.add_argument("--encoder-config", help="SigLIP config.json (or folder) for an official .pth")
         _bool(p, "--allow-pickle", "allow checkpoints that need pickled code (only for files you trust)")
         p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], help="auto: bf16 on GPU, fp32 on CPU")
         _bool(p, "--semantic-tokens", "also store the (N, D) semantic tokens (large)")
         _bool(p, "--no-tokenizer", "teacher embeddings only (same as `wintok embed`)")
-    p.add_argument("--teacher", help="teacher model folder or model id in the local HF cache")
-    p.add_argument("--teacher-dtype", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--teacher", help="teacher model folder or model id in the local HF cache "
+                                     "(its pooled embedding is stored next to the tokens)")
+    p.add_argument("--teacher-dtype", choices=["auto", "bf16", "fp32"],
+                   help="precision of the teacher (auto: bf16 on GPU, fp32 on CPU)")
     _bool(p, "--teacher-patch-tokens", "also store the teacher's patch features")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the models run (auto: cuda if visible)")
     _bool(p, "--compile", "torch.compile the encoder")
-    p.add_argument("--resize", choices=["center-crop", "squash"])
-    p.add_argument("--max-image-pixels", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--resize", choices=["center-crop", "squash"],
+                   help="center-crop: the central square, resized (default); squash: the whole image resized")
+    p.add_argument("--max-image-pixels", type=int,
+                   help="images with more pixels (from the header) are decompression_bomb errors (default 89478485)")
+    p.add_argument("--batch-size", type=int, help="images per model call (default 64)")
     p.add_argument("--decode-threads", type=int, help="decoders per worker (threads or processes)")
     p.add_argument("--decode-mode", choices=["auto", "threads", "processes"],
                    help="decode in threads of the worker or in child processes (auto: processes on GPU workers)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--workers", type=int, help="CPU workers when there are no GPUs")
     p.add_argument("--torch-threads", type=int, help="intra-op threads of each CPU worker")
-    p.add_argument("--max-retries", type=int)
-    p.add_argument("--retry-backoff", type=float, help="seconds before the first retry (doubles each time)")
+    p.add_argument("--max-retries", type=int, help="retries of a failed shard before it is recorded in _failed/ "
+                                                   "(default 3)")
+    p.add_argument("--retry-backoff", type=float, help="seconds before the first retry (doubles each time; "
+                                                       "default 2)")
     _bool(p, "--overwrite", "redo every shard even if OUTPUT holds a different run")
     _bool(p, "--retry-failed", "only take up the shards recorded as failed")
     _bool(p, "--break-lease", "take over OUTPUT's lease at once, even from a run that may be alive "
           "(only when you know it is dead; if it is not, it stops at its next commit)")
-    p.add_argument("--s3-endpoint-url")
-    p.add_argument("--s3-profile")
+    p.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, ...); default AWS")
+    p.add_argument("--s3-profile", help="AWS profile for S3 credentials (~/.aws/credentials)")
     _bool(p, "--s3-anon", "anonymous S3 access")
-    p.add_argument("--s3-key", help="prefer AWS_* variables or --s3-profile; never written anywhere")
-    p.add_argument("--s3-secret", help="prefer AWS_* variables or --s3-profile; never written anywhere")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--s3-key", help="S3 access key id; prefer AWS_* variables or --s3-profile; never written anywhere")
+    p.add_argument("--s3-secret", help="S3 secret key; prefer AWS_* variables or --s3-profile; never written anywhere")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress on stderr (bars on a terminal, a line every 30 s otherwise)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
+MODEL_REQUIRED = ("tokenize needs --model: a model directory, an official .pth, or a preset name "
+                  "(wintok-tiny, wintok-small, wintok-so400m-256: RANDOM weights); teacher embeddings only: "
+                  "`wintok embed` or --no-tokenizer")
+
+
 def _job_from_args(a: argparse.Namespace, teacher_only: bool) -> Any:
-    from .config import JobConfigError, resolve
+    from .config import JobConfigError, load_job_file, resolve
 
     paths = list(a.paths)
     output = a.output
@@ -73,18 +87,62 @@ def _job_from_args(a: argparse.Namespace, teacher_only: bool) -> Any:
         overrides["model"] = None
         if not a.teacher:
             raise JobConfigError("teacher-only mode needs --teacher")
-    elif a.model is None and a.job is None:
-        overrides["model"] = "wintok-tiny"
+    elif a.model is None and not (a.job and load_job_file(a.job).get("model")):
+        raise JobConfigError(MODEL_REQUIRED)
     cfg = resolve(a.job, overrides)
     if teacher_only and cfg.model is not None:
         cfg = cfg.replace(model=None)
     return cfg
 
 
+def preset_warning(model: str | None) -> str | None:
+    """The one line to print when `model` names a preset (random weights), else None."""
+    from wintok_model.config import PRESETS
+
+    if model is None or model not in PRESETS or os.path.exists(model):
+        return None
+    return (f"wintok: warning: model {model!r} is a preset with RANDOM weights: its tokens mean nothing; "
+            "give --model a trained checkpoint (a model directory or an official .pth) for real tokens")
+
+
+def _check_output_is_a_folder(output: str) -> None:
+    """A local OUTPUT (or a folder above it) that is an existing file: one line, before anything starts."""
+    from .config import JobConfigError
+    from .io import protocol_of
+
+    if protocol_of(output) != "file":
+        return
+    target = path = os.path.abspath(output.split("://", 1)[-1])
+    while not os.path.exists(path):
+        if os.path.dirname(path) == path:
+            return
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        where = "is" if path == target else f"is inside {path}, which is"
+        raise JobConfigError(f"OUTPUT {output} {where} an existing file: give a new folder, or one that "
+                             "an earlier wintok run wrote")
+
+
+def _quiet_local_ray_auth(address: str | None) -> None:
+    """Before Ray is imported (it reads RAY_AUTH_MODE once, at import): when this run starts a
+    local Ray (no --address / RAY_ADDRESS, as in cluster.start_ray), name the auth mode Ray picks
+    for a new local cluster anyway, token (a token in ~/.ray/auth_token, made if missing). Left
+    unset, Ray picks the same mode and logs 'Token authentication is enabled...' on every run.
+    A cluster being joined keeps its own mode: nothing is set then."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if (not address or address == "local") and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
 def cmd_tokenize(a: argparse.Namespace, teacher_only: bool = False) -> int:
     from .driver import run_job
 
     cfg = _job_from_args(a, teacher_only)
+    _check_output_is_a_folder(cfg.output)
+    warning = preset_warning(cfg.model)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    _quiet_local_ray_auth(cfg.address)
     summary = run_job(cfg)
     print(json.dumps(summary.to_dict(), indent=1) if a.json else summary.render())
     return EXIT_OK if summary.ok else EXIT_FAILED
@@ -101,9 +159,12 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 def cmd_verify(a: argparse.Namespace) -> int:
     from .io import s3_options
-    from .verify import verify
+    from .verify import repair, verify
 
-    report = verify(a.output, s3_options(a.s3_endpoint_url, a.s3_profile, a.s3_anon))
+    opts = s3_options(a.s3_endpoint_url, a.s3_profile, a.s3_anon)
+    report = verify(a.output, opts)
+    if a.repair and report.damaged:
+        repair(a.output, report, opts)
     print(json.dumps(report.to_dict(), indent=1) if a.json else report.render())
     return EXIT_OK if report.clean(strict=a.strict) else EXIT_FAILED
 
@@ -120,6 +181,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    _quiet_local_ray_auth(None)
     return run_demo(a.dir, workers=a.workers)
 
 
@@ -135,49 +197,70 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext, func in (("status", "summarise an OUTPUT from its manifests", cmd_status),
                                  ("verify", "check every manifest against its files", cmd_verify)):
         s = sub.add_parser(name, help=helptext)
-        s.add_argument("output")
-        s.add_argument("--json", action="store_true")
-        s.add_argument("--s3-endpoint-url")
-        s.add_argument("--s3-profile")
-        s.add_argument("--s3-anon", action="store_true")
+        s.add_argument("output", metavar="OUTPUT", help="the OUTPUT URL a tokenize run wrote")
+        s.add_argument("--json", action="store_true", help="print the report as JSON")
+        s.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, ...); default AWS")
+        s.add_argument("--s3-profile", help="AWS profile for S3 credentials (~/.aws/credentials)")
+        s.add_argument("--s3-anon", action="store_true", help="anonymous S3 access")
         if name == "verify":
             s.add_argument("--strict", action="store_true", help="uncommitted leftovers count as problems")
+            s.add_argument("--repair", action="store_true",
+                           help="un-commit every damaged shard (remove its manifest and files) so that a plain "
+                                "rerun of the tokenize command redoes exactly those")
         s.set_defaults(func=func)
     c = sub.add_parser("convert-checkpoint", help="official WinTok .pth -> model directory (safetensors)")
-    c.add_argument("src")
-    c.add_argument("out_dir")
-    c.add_argument("--encoder-config")
-    c.add_argument("--allow-pickle", action="store_true")
+    c.add_argument("src", help="the official WinTok .pth checkpoint")
+    c.add_argument("out_dir", help="model directory to write (config.json + model.safetensors)")
+    c.add_argument("--encoder-config", help="SigLIP config.json (or folder) the checkpoint was trained from")
+    c.add_argument("--allow-pickle", action="store_true",
+                   help="allow a checkpoint that needs pickled code (only for files you trust)")
     c.set_defaults(func=cmd_convert)
     d = sub.add_parser("demo", help="make a small photo corpus and tokenize it on a local Ray (CPU ok)")
-    d.add_argument("--dir", default="wintok_demo")
-    d.add_argument("--workers", type=int, default=None)
+    d.add_argument("--dir", default="wintok_demo", help="folder for the demo corpus and output (default wintok_demo)")
+    d.add_argument("--workers", type=int, default=None, help="CPU workers (default: one per 4 CPUs)")
     d.set_defaults(func=cmd_demo)
     return p
 
 
+# user mistakes that end in one line and exit status 2: (module, class). Looked up in sys.modules
+# only, so that catching them imports nothing: `status` and `verify` must not pay for torch and Ray.
+_USER_ERRORS = (("pipeline.config", "JobConfigError"), ("pipeline.io", "InputError"),
+                ("pipeline.status", "OutputError"),
+                ("pipeline.lease_file", "LeaseError"), ("pipeline.driver", "RunRefused"),
+                ("wintok_model.checkpoint", "CheckpointError"), ("wintok_model.config", "ConfigError"),
+                ("braceexpand", "UnbalancedBracesError"))
+
+
+def _message(e: BaseException) -> str:
+    if type(e).__name__ == "UnbalancedBracesError":  # braceexpand's, raised while expanding INPUT
+        return (f"{e}: close every '{{' of the input pattern (a range is written {{00000..00099}}) and quote "
+                "the pattern so that the shell passes it on as it is")
+    return str(e)
+
+
+def _is_user_error(e: BaseException) -> bool:
+    if isinstance(e, FileNotFoundError):
+        return True
+    types = [getattr(sys.modules[m], n) for m, n in _USER_ERRORS if m in sys.modules]
+    return isinstance(e, tuple(types))
+
+
 def main(argv: list[str] | None = None) -> int:
-    from wintok_model.checkpoint import CheckpointError
-    from wintok_model.config import ConfigError
-
-    from .config import JobConfigError
-    from .driver import RunRefused
-    from .io import InputError
-    from .lease import LeaseError
-    from .urls import redact_text
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("default")
     a = build_parser().parse_args(argv)
     try:
         return a.func(a)
-    except (JobConfigError, CheckpointError, ConfigError, RunRefused, InputError, LeaseError,
-            FileNotFoundError) as e:
-        print(f"wintok: error: {redact_text(str(e))}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print("wintok: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
+        from .urls import redact_text
+
+        print(f"wintok: error: {redact_text(_message(e))}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ class JobConfig:
     inputs: tuple[str, ...] = ()
     output: str = ""
     # model(s)
-    model: str | None = "wintok-tiny"
+    model: str | None = None            # required (or a teacher): no silent random-weights default
     encoder_config: str | None = None
     allow_pickle: bool = False
     dtype: str = "auto"

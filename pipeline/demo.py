@@ -83,7 +83,7 @@ def run_demo(directory: str, workers: int | None = None) -> int:
     summary = run_job(cfg)
     print(summary.render())
     print()
-    print(render(status(output)))
+    print(render(status(output), speed=False))  # one speed figure: the run's img/s above
     first = Storage(output).path("shards/00000.parquet")
     print(f"\noutput: {output}\nread it with:\n"
           f"  {sys.executable} -c \"import pyarrow.parquet as pq; t = pq.read_table('{first}'); "

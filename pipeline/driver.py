@@ -62,7 +62,9 @@ class Summary:
             "errors_by_reason": dict(self.errors_by_reason), "failed_shards": self.failures,
             "wall_seconds": round(self.wall_seconds, 2), "workers": self.workers,
             "worker_start_deaths": self.worker_start_deaths,
-            "images_per_second": round((self.images + self.errors) / self.wall_seconds, 2)
+            # images tokenized (rows written) per second of wall time; sample errors are not images
+            "images_per_second": round(self.images / self.wall_seconds, 2) if self.wall_seconds > 0 else 0.0,
+            "samples_per_second": round((self.images + self.errors) / self.wall_seconds, 2)
             if self.wall_seconds > 0 else 0.0,
         }
 
@@ -73,7 +75,8 @@ class Summary:
             f"of {self.planned}",
             f"images: {self.images} tokenized, {self.errors} sample errors"
             + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(self.errors_by_reason.items()))})" if self.errors else ""),
-            f"throughput: {d['images_per_second']} img/s over {d['wall_seconds']} s with {self.workers} worker(s)"
+            f"throughput: {d['images_per_second']} img/s (images tokenized per second of wall time) over "
+            f"{d['wall_seconds']} s with {self.workers} worker(s)"
             if self.done or self.failed else "nothing to do: every shard was already committed",
         ]
         if self.worker_start_deaths:
@@ -313,7 +316,7 @@ class _Scheduler:
                 self.storage.delete(failed_rel(task.stem))
             except OSError as e:
                 log.warning("could not remove the stale failure record of %s: %s", task.stem, e)
-            bars.shard_done(m.rows + m.errors)
+            bars.shard_done(m.rows, m.errors)
             return
         reason, error = result.get("reason", "unknown"), redact_text(result.get("error", ""))
         self.history.setdefault(task.stem, []).append(f"attempt {task.attempt}: {reason}: {error[:300]}")
@@ -493,21 +496,56 @@ def _start_death_cause(e: Exception) -> str:
 
 
 class _Progress:
-    """tqdm bars over shards and images, with img/s."""
+    """Progress on stderr: tqdm bars over shards and images (img/s counts tokenized images only)
+    when stderr is a terminal; otherwise (a log file, a pipe, a batch system) one plain line
+    every `interval` seconds and one at the end, never carriage returns or escape codes."""
 
-    def __init__(self, shards: int, enabled: bool) -> None:
-        from tqdm import tqdm
+    def __init__(self, shards: int, enabled: bool, interval: float = 30.0, stream: Any = None) -> None:
+        import sys
 
-        self.shards = tqdm(total=shards, desc="shards", unit="shard", disable=not enabled, position=0)
-        self.images = tqdm(desc="images", unit="img", disable=not enabled, position=1)
+        self.total, self.enabled, self.interval = shards, enabled, interval
+        self.stream = stream if stream is not None else sys.stderr
+        self.done = self.failed = self.images = self.errors = 0
+        self.t0 = self.last = time.monotonic()
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = bool(enabled and isatty and isatty())
+        if self.tty:
+            from tqdm import tqdm
 
-    def shard_done(self, images: int) -> None:
-        self.shards.update(1)
-        self.images.update(images)
+            self.shards = tqdm(total=shards, desc="shards", unit="shard", position=0, file=self.stream)
+            self.bar = tqdm(desc="images", unit="img", position=1, file=self.stream)
+
+    def shard_done(self, images: int, errors: int = 0) -> None:
+        self.done, self.images, self.errors = self.done + 1, self.images + images, self.errors + errors
+        if self.tty:
+            self.shards.update(1)
+            self.bar.update(images)
+        self._maybe_line()
 
     def shard_failed(self) -> None:
-        self.shards.update(1)
+        self.failed += 1
+        if self.tty:
+            self.shards.update(1)
+        self._maybe_line()
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.t0
+        rate = self.images / elapsed if elapsed > 0 else 0.0
+        return (f"progress: {self.done + self.failed}/{self.total} shards ({self.failed} failed), "
+                f"{self.images} images tokenized, {self.errors} sample errors, {rate:.1f} img/s, "
+                f"{elapsed:.0f} s")
+
+    def _maybe_line(self) -> None:
+        if self.enabled and not self.tty and time.monotonic() - self.last >= self.interval:
+            self._print()
+
+    def _print(self) -> None:
+        self.last = time.monotonic()
+        print(self.line(), file=self.stream, flush=True)
 
     def close(self) -> None:
-        self.images.close()
-        self.shards.close()
+        if self.tty:
+            self.bar.close()
+            self.shards.close()
+        elif self.enabled and self.done + self.failed:
+            self._print()

@@ -15,7 +15,12 @@ Choices (each fixed, so the same bytes always give the same pixels):
 * Animated images (GIF, WebP, APNG): the first frame.
 * Modes: CMYK/YCbCr/HSV/... -> RGB by PIL; ``1``/``L`` -> grey RGB; 16-bit ``I;16*`` and
   ``I`` (taken as 16-bit, clipped to 0..65535) -> 8 bit by ``round(v / 257)`` so
-  65535 -> 255; ``F``: values within [0, 1] are scaled by 255, others clipped to 0..255,
+  65535 -> 255 - unless the file declares fewer significant bits (PNG ``sBIT``, TIFF
+  ``BitsPerSample`` < 16 or ``MaxSampleValue``), e.g. 12-bit data 0..4095 in a 16-bit
+  container: then ``round(v * 255 / max)`` with max = 2**bits - 1 (or MaxSampleValue), so
+  the declared maximum is white, not 1/16 grey. 16-bit RGB reaches us as PIL's 8-bit high
+  bytes; with a declared depth under 16 those are stretched the same way (8 - (16 - bits)
+  bits of precision are all that is left). ``F``: values within [0, 1] are scaled by 255, others clipped to 0..255,
   NaN -> 0. Alpha (RGBA, LA, PA, palette or grey/RGB with a transparent colour) is
   composited on white, after resizing (PIL resizes with premultiplied alpha).
 * EXIF orientation is applied as ``ImageOps.exif_transpose`` would, but to the resized
@@ -115,7 +120,7 @@ def decode_image(data: bytes, cfg: PreprocessConfig) -> Decoded:
         raise _fail("empty", "image member has 0 bytes")
     try:
         with Image.open(io.BytesIO(data), formats=_open_formats()) as im:
-            return _process(im, cfg)
+            return _process(im, cfg, data)
     except SampleError:
         raise
     except MemoryError:
@@ -140,7 +145,7 @@ def _orientation(im: Image.Image) -> int:
     return value if isinstance(value, int) and value in _TRANSPOSE else 1
 
 
-def _process(im: Image.Image, cfg: PreprocessConfig) -> Decoded:
+def _process(im: Image.Image, cfg: PreprocessConfig, data: bytes = b"") -> Decoded:
     width, height = im.size
     if width <= 0 or height <= 0:
         raise _fail("bad_size", f"image header says {width}x{height}")
@@ -156,7 +161,7 @@ def _process(im: Image.Image, cfg: PreprocessConfig) -> Decoded:
     orientation = _orientation(im)
     if orientation in (5, 6, 7, 8):
         width, height = height, width
-    work = _resizable(im)
+    work = _resizable(im, _declared_max(im, data))
     out = work.resize((size, size), Image.Resampling.BICUBIC, box=_box(work.size, cfg.resize))
     out = _flatten(out)
     if orientation in _TRANSPOSE:
@@ -176,9 +181,57 @@ def _box(wh: tuple[int, int], resize: str) -> tuple[float, float, float, float]:
     return (left, top, left + side, top + side)
 
 
-def _resizable(im: Image.Image) -> Image.Image:
+def _png_significant_max(data: bytes) -> int | None:
+    """2**bits - 1 for a 16-bit PNG whose sBIT chunk declares fewer bits (PIL ignores sBIT)."""
+    if not data.startswith(b"\x89PNG\r\n\x1a\n") or len(data) < 33 or data[24] != 16:  # IHDR bit depth
+        return None
+    pos = 8
+    while pos + 8 <= len(data):
+        length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        if kind in (b"IDAT", b"IEND"):  # sBIT comes before the image data
+            return None
+        if kind == b"sBIT":
+            colour = data[25]
+            bits = data[pos + 8:pos + 8 + length][: 1 if colour in (0, 4) else 3]  # grey or RGB, not alpha
+            return (1 << max(bits)) - 1 if bits and 0 < max(bits) < 16 else None
+        pos += 12 + length
+    return None
+
+
+def _declared_max(im: Image.Image, data: bytes) -> int | None:
+    """The largest sample value the file declares, when it is below its 16-bit container's 65535."""
+    if im.format == "PNG":
+        return _png_significant_max(data)
+    if im.format == "TIFF":
+        tags = getattr(im, "tag_v2", {})
+        bits = tags.get(258)  # BitsPerSample
+        bits = max(bits) if isinstance(bits, tuple) and bits else bits
+        if isinstance(bits, int) and 8 < bits < 16:
+            return (1 << bits) - 1
+        top = tags.get(281)  # MaxSampleValue
+        top = max(top) if isinstance(top, tuple) and top else top
+        if isinstance(top, int) and 255 < top < 65535 and bits == 16:
+            return top
+    return None
+
+
+def _stretch(arr: np.ndarray, top: int) -> np.ndarray:
+    """0..top -> 0..255, rounded half up, clipped."""
+    arr = np.clip(arr.astype(np.int64), 0, top)
+    return ((arr * 255 + top // 2) // top).astype(np.uint8)
+
+
+def _resizable(im: Image.Image, declared_max: int | None = None) -> Image.Image:
     """Convert to a mode that BICUBIC resizes correctly: RGB, L, RGBA or LA."""
     mode = im.mode
+    if declared_max and mode in ("RGB", "RGBA", "LA") and declared_max >> 8:
+        # 16-bit colour or grey + alpha: PIL kept the high bytes, whose maximum is declared_max >> 8
+        arr = np.asarray(im)
+        n = 1 if mode == "LA" else 3
+        out = np.concatenate([_stretch(arr[..., :n], declared_max >> 8), arr[..., n:]], axis=-1)
+        im = Image.fromarray(np.ascontiguousarray(out), mode=mode)
+    if mode in _SIXTEEN_BIT and declared_max:
+        return Image.fromarray(_stretch(np.asarray(im), declared_max), mode="L")
     has_key_colour = "transparency" in im.info
     if mode in ("RGBA", "LA"):
         return im

@@ -11,11 +11,14 @@ Formats:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
+import pickletools
 import re
 import warnings
+import zipfile
 from typing import Any
 
 import torch
@@ -113,9 +116,49 @@ def _torch_load(path: str, allow_pickle: bool) -> Any:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".split("\n")[0]) from None
 
 
-# Phrases of torch's weights-only unpickler that mean "this file holds pickled objects/code"
-# (as opposed to "this is not a pickle at all": 'Unsupported operand', 'String is too long').
-_PICKLED_CODE_HINTS = ("global", "reduce for", "new object", "can only build")
+# Opcodes by which a pickle imports or calls code (pickletools names); a file whose pickle
+# parses to its STOP and holds one of them is valid content that weights_only refused.
+_CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD",
+                 "EXT1", "EXT2", "EXT4"}
+# what every torch.save pickle names (tensor rebuilding; protocol 0/1 object plumbing)
+_TORCH_OWN = ("torch.", "collections.OrderedDict", "copy_reg._reconstructor", "copyreg._reconstructor",
+              "__builtin__.object", "builtins.object")
+_LEGACY_PICKLES = 5  # torch's legacy format: magic number, protocol, sys info, the object, storage keys
+
+
+def _pickle_scan(path: str) -> tuple[bool, list[str]]:
+    """(the file's pickle parses to its end, the globals it names), found by pickletools, which
+    only parses opcodes and never imports or runs anything. Torch's zip format holds the pickle
+    as `*/data.pkl` (a cut zip loses its directory and fails here); the legacy format is a
+    sequence of pickles, then the raw tensor bytes, which are not checked here (a file cut
+    there is found when it is loaded with allow_pickle)."""
+    names: list[str] = []
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                pkl = next(n for n in z.namelist() if n == "data.pkl" or n.endswith("/data.pkl"))
+                streams, count = io.BytesIO(z.read(pkl)), 1
+        else:
+            streams, count = open(path, "rb"), _LEGACY_PICKLES  # noqa: SIM115 - closed below
+        with streams as f:
+            for _ in range(count):
+                strings: list[str] = []
+                last = None
+                for op, arg, _pos in pickletools.genops(f):  # ValueError on a bad or cut stream
+                    last = op.name
+                    if isinstance(arg, str):
+                        strings.append(arg)
+                    if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                        names.append(arg.replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        names.append(f"{strings[-2]}.{strings[-1]}")
+                    elif op.name in _CODE_OPCODES and not names:
+                        names.append(op.name)
+                if last != "STOP":
+                    return False, names
+    except (ValueError, StopIteration, OSError, EOFError, zipfile.BadZipFile, KeyError):
+        return False, names
+    return True, names
 
 
 def _unpickler_reason(msg: str) -> str:
@@ -126,10 +169,17 @@ def _unpickler_reason(msg: str) -> str:
 
 
 def _refuse_or_unpickle(path: str, allow_pickle: bool, err: Exception) -> Any:
+    """torch's weights-only loader refused the file: blocked pickled code (a valid pickle that
+    imports or calls something), or a corrupt file? The pickle's own opcodes tell, not the wording
+    of torch's message (a protocol-4 pickle's class import reads 'Unsupported operand 149')."""
     msg = str(err)
     reason = _unpickler_reason(msg) if msg.strip() else type(err).__name__
-    if "weights only" not in msg.lower() or not any(h in reason.lower() for h in _PICKLED_CODE_HINTS):
+    intact, names = _pickle_scan(path)
+    if "weights only" not in msg.lower() or not intact:
         raise CheckpointError(f"cannot read checkpoint {path}: not a torch checkpoint or corrupt ({reason})")
+    foreign = [n for n in dict.fromkeys(names) if not n.startswith(_TORCH_OWN)]
+    if foreign and foreign[0] not in reason:  # torch's wording did not name what the file imports
+        reason = f"it imports {', '.join(foreign[:5])}; torch: {reason}"
     if not allow_pickle:
         raise CheckpointError(
             f"refusing to load {path}: it needs pickled code to load ({reason}). Weights files should hold "

@@ -19,7 +19,7 @@ from schemas.manifest import FileRecord
 
 def test_job_file_flags_override_and_unknown_keys(tmp_path):
     job = tmp_path / "job.yaml"
-    job.write_text("inputs: [a.tar, b.tar]\noutput: out\nbatch-size: 32\nresize: squash\n")
+    job.write_text("inputs: [a.tar, b.tar]\noutput: out\nmodel: m\nbatch-size: 32\nresize: squash\n")
     cfg = resolve(str(job), {"batch_size": 8, "model": None, "resize": None})
     assert cfg.inputs == ("a.tar", "b.tar") and cfg.batch_size == 8 and cfg.resize == "squash"
     bad = tmp_path / "bad.yaml"
@@ -29,7 +29,7 @@ def test_job_file_flags_override_and_unknown_keys(tmp_path):
     with pytest.raises(JobConfigError, match="resize"):
         resolve(None, {"inputs": ("a",), "output": "o", "resize": "stretch"})
     with pytest.raises(JobConfigError, match="no inputs"):
-        resolve(None, {"output": "o"})
+        resolve(None, {"output": "o", "model": "m"})
 
 
 def test_cli_user_mistakes_are_one_line(tmp_path, capsys):
@@ -38,7 +38,8 @@ def test_cli_user_mistakes_are_one_line(tmp_path, capsys):
     assert cli_main(["tokenize", "--job", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("wintok: error: unknown keys") and "\n" not in err
-    assert cli_main(["tokenize", str(tmp_path / "nothing-*.tar"), str(tmp_path / "out"), "--no-progress"]) == 2
+    assert cli_main(["tokenize", str(tmp_path / "nothing-*.tar"), str(tmp_path / "out"), "--model", "wintok-tiny",
+                     "--no-progress"]) == 2
     assert "no input matches" in capsys.readouterr().err
 
 
@@ -98,7 +99,7 @@ def test_manifest_json_round_trip():
 def test_worker_shape_per_gpu_and_per_cpu():
     from pipeline.cluster import shape_for
 
-    cfg = JobConfig(inputs=("a.tar",), output="o")
+    cfg = JobConfig(inputs=("a.tar",), output="o", model="wintok-tiny")
     gpu = shape_for(cfg, shards=100, cpus=128, gpus=8)  # an 8-GPU node: 16 CPUs per GPU
     assert (gpu.actors, gpu.num_gpus, gpu.decode_threads, gpu.decode_mode, gpu.torch_threads) == \
         (8, 1.0, 14, "processes", None)
