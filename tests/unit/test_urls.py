@@ -126,7 +126,7 @@ def test_worker_env_never_carries_s3_options():
 
 
 def test_run_file_job_has_no_url_secrets():
-    cfg = JobConfig(inputs=("s3://K3YID:S3CR3T@bkt/x.tar", "https://h/a.tar?token=T0KEN"),
+    cfg = JobConfig(model="wintok-tiny", inputs=("s3://K3YID:S3CR3T@bkt/x.tar", "https://h/a.tar?token=T0KEN"),
                     output="s3://K3YID:S3CR3T@bkt/out", s3_key="K3YID", s3_secret="S3CR3T")
     text = repr(cfg.public_dict())
     assert not any(s in text for s in SECRETS)
