@@ -26,7 +26,7 @@ from .config import JobConfig
 from .io import Storage, StorageOptions, expand_inputs, input_root, s3_options, shard_stem
 from .lease import Lease
 from .runner import ModelSpec
-from .worker import ShardTask, WorkerConfig, make_actor_class
+from .worker import PERMANENT, Reason, ShardTask, WorkerConfig, make_actor_class
 from .writer import FAILED_DIR, MANIFEST_DIR, RUN_FILE, failed_rel
 
 log = logging.getLogger("wintok")
@@ -302,12 +302,12 @@ class _Scheduler:
                 log.warning("could not remove the stale failure record of %s: %s", task.stem, e)
             bars.shard_done(m.rows + m.errors)
             return
-        reason, error = result.get("reason", "unknown"), result.get("error", "")
+        reason, error = result.get("reason", Reason.WORKER_ERROR.value), result.get("error", "")
         self.history.setdefault(task.stem, []).append(f"attempt {task.attempt}: {reason}: {error[:300]}")
-        if task.attempt <= self.cfg.max_retries:
+        if reason not in PERMANENT and task.attempt <= self.cfg.max_retries:  # only transient ones back off
             delay = min(self.cfg.retry_backoff * 2 ** (task.attempt - 1), self.cfg.retry_backoff_max)
             delay *= 0.5 + random.random()
-            safe = task.safe_mode or reason in ("worker_died", "oom")
+            safe = task.safe_mode or reason in (Reason.WORKER_DIED, Reason.OOM)
             nxt = ShardTask(task.url, task.stem, task.attempt + 1, task.run_fingerprint, safe)
             self.delayed.append((time.monotonic() + delay, nxt))
             return
@@ -445,13 +445,13 @@ def _actor_failure(task: ShardTask, e: Exception) -> dict[str, Any]:
     low = text.lower()
     if isinstance(e, rex.OutOfMemoryError) or "outofmemoryerror" in low or "memory pressure" in low \
             or "memory monitor" in low or "(oom)" in low:
-        reason = "oom"
+        reason = Reason.OOM
     elif isinstance(e, rex.RayActorError | rex.ActorUnavailableError):
-        reason = "worker_died"
+        reason = Reason.WORKER_DIED
     else:
-        reason = "worker_error"
+        reason = Reason.WORKER_ERROR
     first = _cause_line(text)
-    return {"status": "failed", "stem": task.stem, "reason": reason, "error": first}
+    return {"status": "failed", "stem": task.stem, "reason": reason.value, "error": first}
 
 
 def _cause_line(text: str) -> str:

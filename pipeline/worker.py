@@ -15,6 +15,7 @@ import time
 import traceback
 from collections import deque
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -83,6 +84,35 @@ class _Batch:
 _DONE = object()
 
 
+class Reason(StrEnum):
+    """Why a shard attempt failed: the `reason` of a failed result and of `_failed/<stem>.json`."""
+
+    NOT_FOUND = "not_found"        # the input (or a folder on its path) does not exist
+    PERMISSION = "permission"      # access denied
+    SHARD_READ = "shard_read"      # malformed input: not a tar, truncated, corrupt
+    IO = "io"                      # a storage error still there after io.py's own retries
+    WORKER_ERROR = "worker_error"  # anything else raised while processing
+    WORKER_DIED = "worker_died"    # the worker process died (crash, node lost)
+    OOM = "oom"                    # killed for memory
+
+
+# failures that cannot go away by trying again: the shard fails at once, without backoff
+PERMANENT: frozenset[Reason] = frozenset({Reason.NOT_FOUND, Reason.PERMISSION, Reason.SHARD_READ})
+
+
+def failure_reason(exc: BaseException) -> Reason:
+    """The reason of a shard attempt that raised `exc` (the one place exceptions are classified)."""
+    if isinstance(exc, ShardReadError | IsADirectoryError):
+        return Reason.SHARD_READ
+    if isinstance(exc, FileNotFoundError | NotADirectoryError):
+        return Reason.NOT_FOUND
+    if isinstance(exc, PermissionError):
+        return Reason.PERMISSION
+    if isinstance(exc, OSError):
+        return Reason.IO
+    return Reason.WORKER_ERROR
+
+
 class ShardProcessor:
     """Loads the model(s) once; `process` turns one input shard into one committed output."""
 
@@ -133,19 +163,10 @@ class ShardProcessor:
             manifest = writer.commit(input_size=size, input_etag=etag, attempts=task.attempt,
                                      seconds=time.monotonic() - t0, run_fingerprint=task.run_fingerprint)
             return {"status": "ok", "stem": task.stem, "manifest": manifest.to_json()}
-        except ShardReadError as e:
+        except Exception as e:  # noqa: BLE001 - classified once; the driver decides on retries
             writer.discard()
-            return _failure(task, "shard_read", str(e))
-        except FileNotFoundError as e:
-            writer.discard()
-            return _failure(task, "not_found", f"{task.url}: {e}")
-        except OSError as e:
-            writer.discard()
-            return _failure(task, "io", f"{type(e).__name__}: {e}")
-        except Exception as e:  # noqa: BLE001 - the driver decides on retries
-            writer.discard()
-            tb = traceback.format_exc(limit=3).strip().splitlines()
-            return _failure(task, "worker_error", f"{type(e).__name__}: {e} | {' / '.join(tb[-3:])}")
+            reason = failure_reason(e)
+            return _failure(task, reason, _describe(e, reason, task.url))
         finally:
             writer.cleanup()
 
@@ -331,9 +352,20 @@ def _split_reason(text: str) -> tuple[str, str]:
     return (reason.strip() or "read_error"), (detail.strip() or text)
 
 
-def _failure(task: ShardTask, reason: str, error: str) -> dict[str, Any]:
+def _describe(e: BaseException, reason: Reason, url: str) -> str:
+    if isinstance(e, ShardReadError):
+        return str(e)  # names the shard already
+    if reason in PERMANENT:
+        return f"{url}: {type(e).__name__}: {e}"
+    if reason is Reason.IO:
+        return f"{type(e).__name__}: {e}"
+    tb = traceback.format_exc(limit=3).strip().splitlines()
+    return f"{type(e).__name__}: {e} | {' / '.join(tb[-3:])}"
+
+
+def _failure(task: ShardTask, reason: Reason, error: str) -> dict[str, Any]:
     log.warning("shard %s attempt %d failed (%s): %s", task.stem, task.attempt, reason, error)
-    return {"status": "failed", "stem": task.stem, "reason": reason, "error": error[:4000]}
+    return {"status": "failed", "stem": task.stem, "reason": reason.value, "error": error[:4000]}
 
 
 def make_actor_class(num_gpus: float, num_cpus: float, cpu_model: bool = False) -> Any:

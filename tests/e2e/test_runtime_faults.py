@@ -1,0 +1,51 @@
+"""Faults of the run itself, on a local Ray: a shard that stops making progress (the watchdog),
+failures that cannot go away (no backoff), and SIGTERM (preemption). After each the output
+must verify clean: nothing half-committed, nothing committed after the driver is gone."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from pipeline.config import JobConfig
+from pipeline.driver import run_job
+from pipeline.verify import verify
+from tests import corpus
+
+pytestmark = pytest.mark.e2e
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _job(inputs, output, model, **kw) -> JobConfig:
+    base = dict(inputs=tuple(inputs), output=str(output), model=model, batch_size=4, decode_threads=2,
+                max_retries=1, retry_backoff=0.05, progress=False, workers=1)
+    base.update(kw)
+    return JobConfig(**base)
+
+
+def _files_of(out, stem: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs
+                  if f.startswith(stem))
+
+
+def test_permanent_failures_are_not_retried(tmp_path, ray_session, tiny_model_dir):
+    """A missing input and a file that is not a tar fail at their first attempt, with their
+    reason; the backoff is long enough that one retry would show in the run's time."""
+    corpus.make_shards(tmp_path / "in", n_shards=1, per_shard=2, seed=53)
+    (tmp_path / "in" / "notatar.tar").write_bytes(b"this is not a tar archive\n" * 100)
+    inputs = [f"{tmp_path}/in/00000.tar", f"{tmp_path}/in/missing.tar", f"{tmp_path}/in/notatar.tar"]
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    summary = run_job(_job(inputs, out, tiny_model_dir, max_retries=3, retry_backoff=100.0))
+    wall = time.monotonic() - t0
+    assert wall < 45, f"{wall:.0f} s: a permanent failure was retried (the first retry waits >= 50 s)"
+    assert summary.done == 1 and summary.failed == 2
+    for stem, reason in (("missing", "not_found"), ("notatar", "shard_read")):
+        rec = json.loads((out / "_failed" / f"{stem}.json").read_text())
+        assert rec["reason"] == reason and rec["attempts"] == 1 and len(rec["history"]) == 1, rec
+        assert summary.failures[stem].startswith(reason)
+    assert "missing.tar" in summary.failures["missing"]
+    assert verify(str(out)).clean()
