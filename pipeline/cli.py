@@ -45,6 +45,9 @@ def _job_args(p: argparse.ArgumentParser, teacher_only: bool = False) -> None:
     p.add_argument("--torch-threads", type=int, help="intra-op threads of each CPU worker")
     p.add_argument("--max-retries", type=int)
     p.add_argument("--retry-backoff", type=float, help="seconds before the first retry (doubles each time)")
+    p.add_argument("--shard-timeout", type=float, metavar="SECONDS",
+                   help="fail a shard (reason timeout) that makes no progress for this long, and replace "
+                        "its worker (default 600)")
     _bool(p, "--overwrite", "redo every shard even if OUTPUT holds a different run")
     _bool(p, "--retry-failed", "only take up the shards recorded as failed")
     p.add_argument("--s3-endpoint-url")

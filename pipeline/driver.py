@@ -26,6 +26,7 @@ from .config import JobConfig
 from .io import Storage, StorageOptions, expand_inputs, input_root, s3_options, shard_stem
 from .lease import Lease
 from .runner import ModelSpec
+from .watchdog import Watchdog
 from .worker import PERMANENT, Reason, ShardTask, WorkerConfig, make_actor_class
 from .writer import FAILED_DIR, MANIFEST_DIR, RUN_FILE, failed_rel
 
@@ -227,6 +228,9 @@ class _Scheduler:
         self.history: dict[str, list[str]] = {}
         self.seq: dict[ShardTask, int] = {}
         self.counter = itertools.count()
+        self.inflight: dict[Any, tuple[int, ShardTask]] = {}  # insertion order = submission order
+        self.watchdog = Watchdog(cfg.shard_timeout)
+        self.probes: dict[int, Any] = {}  # slot -> its outstanding progress probe
 
     def run(self) -> None:
         import ray
@@ -246,17 +250,14 @@ class _Scheduler:
         )
         self.pool = _ActorPool(actor_cls, wcfg, n_workers, self.cfg.max_retries + 1, self.cfg.retry_backoff,
                                 self.cfg.retry_backoff_max)
-        inflight: dict[Any, tuple[int, ShardTask]] = {}  # insertion order = submission order
+        inflight = self.inflight
         bars = _Progress(len(self.todo), self.cfg.progress)
         try:
             while self.todo or self.delayed or inflight:
                 self._release_delayed()
                 self.pool.poll_ready()
-                for slot in self.pool.ready_slots():
-                    while self.todo and sum(1 for s, _ in inflight.values() if s == slot) < 2:
-                        task = self.todo.popleft()
-                        self.seq[task] = next(self.counter)
-                        inflight[self.pool.actors[slot].process.remote(task, self.fp)] = (slot, task)
+                self._dispatch()
+                self._watch(bars)
                 waitable = list(inflight) + self.pool.pending_refs()
                 if not waitable:
                     time.sleep(0.05)
@@ -271,17 +272,66 @@ class _Scheduler:
                     except Exception as e:  # noqa: BLE001 - actor death, OOM kill
                         result = _actor_failure(task, e)
                         if self.pool.replace_if_dead(slot):
-                            # the shard that was running is charged; those queued behind it are not
-                            queued = [r for r, (s_, _) in inflight.items() if s_ == slot]
-                            order = [task] + [inflight.pop(r)[1] for r in queued]
-                            order.sort(key=lambda t: self.seq[t])
-                            task, requeue = order[0], order[1:]
-                            self.todo.extendleft(reversed(requeue))
+                            task = self._drop_slot(slot, task)
+                    self.watchdog.started(slot, time.monotonic())  # the next one queued there starts
                     self._handle(task, result, bars)
         finally:
             bars.close()
             self.summary.worker_start_deaths = self.pool.start_deaths
             self.pool.shutdown()
+
+    def _dispatch(self) -> None:
+        """Up to two shards in flight per ready worker (one running, one queued behind it)."""
+        for slot in self.pool.ready_slots():
+            n = sum(1 for s, _ in self.inflight.values() if s == slot)
+            if n == 0 and self.todo:
+                self.watchdog.started(slot, time.monotonic())
+            while self.todo and n < 2:
+                task = self.todo.popleft()
+                self.seq[task] = next(self.counter)
+                self.inflight[self.pool.actors[slot].process.remote(task, self.fp)] = (slot, task)
+                n += 1
+
+    def _drop_slot(self, slot: int, task: ShardTask | None = None) -> ShardTask:
+        """The worker of `slot` is gone: take its shards out of flight. The one it was running
+        (the first submitted) is returned, to be charged; those queued behind it go back to the
+        front of the queue, uncharged."""
+        queued = [r for r, (s, _) in self.inflight.items() if s == slot]
+        order = ([task] if task else []) + [self.inflight.pop(r)[1] for r in queued]
+        order.sort(key=lambda t: self.seq[t])
+        self.todo.extendleft(reversed(order[1:]))
+        self.watchdog.forget(slot)
+        self.probes.pop(slot, None)
+        return order[0]
+
+    def _watch(self, bars: _Progress) -> None:
+        """Probe the busy workers' progress counters (at the watchdog's interval); a shard whose
+        worker made no progress for `shard_timeout` s fails (timeout) and the worker is replaced."""
+        import ray
+
+        now = time.monotonic()
+        if not self.watchdog.probe_due(now):
+            return
+        busy = {s for s, _ in self.inflight.values()}
+        for slot in busy:
+            ref = self.probes.get(slot)
+            if ref is not None:
+                if not ray.wait([ref], timeout=0)[0]:
+                    continue  # no answer yet: counts as no progress
+                del self.probes[slot]
+                try:
+                    self.watchdog.seen(slot, ray.get(ref), now)
+                except Exception:  # noqa: BLE001 - a dead worker: its shard's own call reports it
+                    continue
+            self.probes[slot] = self.pool.actors[slot].progress.remote()
+        for slot, idle in self.watchdog.stalled(busy, now).items():
+            task = self._drop_slot(slot)
+            log.warning("shard %s made no progress for %.0f s: killing its worker", task.stem, idle)
+            self.pool.replace(slot)
+            error = (f"no progress for {idle:.0f} s (shard timeout {self.cfg.shard_timeout:g} s); "
+                     "its worker was killed and replaced")
+            self._handle(task, {"status": "failed", "stem": task.stem, "reason": Reason.TIMEOUT.value,
+                                "error": error}, bars)
 
     def _release_delayed(self) -> None:
         now = time.monotonic()
@@ -417,9 +467,15 @@ class _ActorPool:
             return False
         except Exception:  # noqa: BLE001 - dead or unreachable: replace it
             pass
+        self.replace(slot)
+        return True
+
+    def replace(self, slot: int) -> None:
+        """Kill the worker of `slot` (stuck, or dead already) and start another in its place."""
+        import ray
+
         ray.kill(self.actors[slot], no_restart=True)
         self._spawn(slot)
-        return True
 
     def shutdown(self) -> None:
         import ray

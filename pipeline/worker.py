@@ -94,6 +94,7 @@ class Reason(StrEnum):
     WORKER_ERROR = "worker_error"  # anything else raised while processing
     WORKER_DIED = "worker_died"    # the worker process died (crash, node lost)
     OOM = "oom"                    # killed for memory
+    TIMEOUT = "timeout"            # no progress for `shard_timeout` seconds: the worker was replaced
 
 
 # failures that cannot go away by trying again: the shard fails at once, without backoff
@@ -118,6 +119,10 @@ class ShardProcessor:
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
+        # moves on every shard start and every sample read, decoded and written: the driver's
+        # watchdog reads it (through the actor's control group) while a shard runs. Threads
+        # update it without a lock; a lost update does not matter, only that it moves.
+        self.progress = 0
         if config.torch_threads:
             import torch
 
@@ -140,6 +145,7 @@ class ShardProcessor:
     def process(self, task: ShardTask, fingerprint: dict[str, Any]) -> dict[str, Any]:
         """Returns {'status': 'ok', 'manifest': json} or {'status': 'failed', 'reason', 'error'}."""
         t0 = time.monotonic()
+        self.progress += 1
         failpoint("shard_start", task.stem)
         schema = tokens_schema(self.runner.layout, fingerprint)
         writer = ShardWriter(self.storage, task.stem, task.url, schema, fingerprint,
@@ -194,6 +200,7 @@ class ShardProcessor:
                     outputs = self.runner.run(item.pixels[: item.n]) if item.n else {}
                 finally:
                     self._give_back(item.pixels)
+                self.progress += 1
                 written.put((item.items, [it for it in item.items if it.ok], outputs))
         finally:
             stop.set()
@@ -282,6 +289,7 @@ class ShardProcessor:
             if chunk is pending:
                 flush()
             r = decoder.results(chunk)[pos]
+            self.progress += 1
             window.popleft()
             if isinstance(r, SampleError):
                 items.append(_Item(sample, error=r))
@@ -296,6 +304,7 @@ class ShardProcessor:
 
         try:
             for sample in iter_samples(stream, url):
+                self.progress += 1
                 chunk = None
                 if not sample.error and sample.image is not None:
                     if pending is None:
@@ -325,6 +334,7 @@ class ShardProcessor:
 
     def _consume(self, items: list[_Item], good: list[_Item], outputs: dict[str, np.ndarray], task: ShardTask,
                  writer: ShardWriter) -> None:
+        self.progress += len(items)
         for it in items:
             if not it.ok:
                 err = it.error
@@ -399,6 +409,10 @@ def make_actor_class(num_gpus: float, num_cpus: float, cpu_model: bool = False) 
 
         def close(self) -> None:
             self.processor.close()
+
+        @ray.method(concurrency_group="control")  # answers while a shard runs: the watchdog's probe
+        def progress(self) -> int:
+            return self.processor.progress
 
         @ray.method(concurrency_group="control")
         def node_id(self) -> str:

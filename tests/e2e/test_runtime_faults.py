@@ -31,6 +31,48 @@ def _files_of(out, stem: str) -> list[str]:
                   if f.startswith(stem))
 
 
+def test_stuck_shard_times_out_and_its_queue_goes_on(tmp_path, ray_session, tiny_model_dir, monkeypatch):
+    """Shard 00001 hangs at its start on every attempt; 00002 is queued behind it on the only
+    worker. The watchdog fails 00001 (timeout) twice, the worker is replaced each time, and
+    00002 runs on the replacement without being charged an attempt."""
+    corpus.make_shards(tmp_path / "in", n_shards=4, per_shard=3, seed=51)
+    monkeypatch.setenv("WINTOK_FAILPOINTS", "shard_start@00001=sleep:300")
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    summary = run_job(_job([f"{tmp_path}/in/{{00000..00003}}.tar"], out, tiny_model_dir, shard_timeout=3))
+    wall = time.monotonic() - t0
+    assert wall < 120, f"the run took {wall:.0f} s: the hung shard was not bounded"
+    assert summary.done == 3 and summary.failed == 1 and not summary.ok
+    assert summary.failures["00001"].startswith("timeout: no progress for")
+    rec = json.loads((out / "_failed" / "00001.json").read_text())
+    assert rec["reason"] == "timeout" and rec["attempts"] == 2 and len(rec["history"]) == 2
+    for stem in ("00000", "00002", "00003"):
+        m = json.loads((out / "_manifest" / f"{stem}.json").read_text())
+        assert m["attempts"] == 1 and m["rows"] == 3, (stem, m)
+    assert _files_of(out, "00001") == ["_failed/00001.json"]  # nothing of it half-written
+    report = verify(str(out))
+    assert report.clean() and not report.uncommitted, report.render()
+
+
+def test_shard_stuck_once_succeeds_on_retry(tmp_path, ray_session, tiny_model_dir, monkeypatch):
+    """A decode that hangs in the middle of shard 00001 (its first sample read and decoded, the
+    second never returns), on the first attempt only: the retry commits the whole shard."""
+    plan = corpus.shard_plan(3, 3, seed=52)
+    corpus.make_shards(tmp_path / "in", n_shards=3, per_shard=3, seed=52)
+    monkeypatch.setenv("WINTOK_FAILPOINTS", f"decode@{plan[1][1]['key']}=once-sleep:300")
+    monkeypatch.setenv("WINTOK_FAILPOINT_MARK", str(tmp_path / "mark"))
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    summary = run_job(_job([f"{tmp_path}/in/{{00000..00002}}.tar"], out, tiny_model_dir, shard_timeout=3))
+    assert (tmp_path / "mark").exists(), "the fault was not injected"
+    assert time.monotonic() - t0 < 120
+    assert summary.ok and summary.done == 3 and summary.images == 9
+    m = json.loads((out / "_manifest" / "00001.json").read_text())
+    assert m["attempts"] == 2 and m["rows"] == 3
+    assert not (out / "_failed" / "00001.json").exists()
+    assert verify(str(out)).clean()
+
+
 def test_permanent_failures_are_not_retried(tmp_path, ray_session, tiny_model_dir):
     """A missing input and a file that is not a tar fail at their first attempt, with their
     reason; the backoff is long enough that one retry would show in the run's time."""
