@@ -36,3 +36,15 @@ def test_probes_are_rate_limited():
     assert w.interval == 10.0  # bounded, however long the timeout
     assert Watchdog(timeout=3).interval == 0.75
     assert w.probe_due(0) and not w.probe_due(5) and w.probe_due(10)
+
+
+def test_shard_timeout_option():
+    from pipeline.cli import _job_from_args, build_parser
+    from pipeline.config import JobConfig, JobConfigError
+
+    assert JobConfig().shard_timeout == 600
+    a = build_parser().parse_args(["tokenize", "in.tar", "out", "--shard-timeout", "2.5"])
+    assert _job_from_args(a, teacher_only=False).shard_timeout == 2.5
+    for bad in (0, -1):
+        with pytest.raises(JobConfigError, match="shard_timeout"):
+            JobConfig(shard_timeout=bad)
