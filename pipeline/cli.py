@@ -165,12 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     from .driver import RunRefused
     from .io import InputError
     from .lease import LeaseHeld
+    from .signals import RunStopped, raise_stopped, trap_sigterm
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("default")
     a = build_parser().parse_args(argv)
     try:
-        return a.func(a)
+        with trap_sigterm(raise_stopped):  # SIGTERM (preemption) stops the run like SIGINT
+            return a.func(a)
+    except RunStopped as e:
+        print(f"wintok: {e}", file=sys.stderr)
+        return e.exit_status
     except (JobConfigError, CheckpointError, ConfigError, RunRefused, InputError, LeaseHeld,
             FileNotFoundError) as e:
         print(f"wintok: error: {e}", file=sys.stderr)

@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import re
+import signal
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from .config import JobConfig
 from .io import Storage, StorageOptions, expand_inputs, input_root, s3_options, shard_stem
 from .lease import Lease
 from .runner import ModelSpec
+from .signals import RunStopped, trap_sigterm
 from .watchdog import Watchdog
 from .worker import PERMANENT, Reason, ShardTask, WorkerConfig, make_actor_class
 from .writer import FAILED_DIR, MANIFEST_DIR, RUN_FILE, failed_rel
@@ -231,13 +233,40 @@ class _Scheduler:
         self.inflight: dict[Any, tuple[int, ShardTask]] = {}  # insertion order = submission order
         self.watchdog = Watchdog(cfg.shard_timeout)
         self.probes: dict[int, Any] = {}  # slot -> its outstanding progress probe
+        self.stop_signal = 0              # the signal that asked the run to stop (0: none)
+        self.stop_at = 0.0
 
     def run(self) -> None:
+        """Start Ray (stopped again after if it was started here) and run every shard of `todo`.
+
+        On SIGTERM no new shard starts; in-flight ones get `stop_grace` seconds to finish, then
+        the workers are killed and `RunStopped` is raised (the lease is released on the way out)."""
         import ray
 
-        from .cluster import start_ray, worker_shape
+        from .cluster import start_ray
 
-        start_ray(self.cfg)
+        started = not ray.is_initialized()
+        with trap_sigterm(None):  # ray.init installs its own SIGTERM handler: put back ours after
+            start_ray(self.cfg)
+            try:
+                with trap_sigterm(self._on_sigterm):
+                    self._run()
+            finally:
+                if started:
+                    ray.shutdown()
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self.stop_signal:  # asked twice: stop waiting for the in-flight shards
+            raise RunStopped(signum)
+        self.stop_signal, self.stop_at = signum, time.monotonic() + self.cfg.stop_grace
+        log.warning("%s: starting no new shard; the %d in flight get %g s to finish",
+                    signal.Signals(signum).name, len(self.inflight), self.cfg.stop_grace)
+
+    def _run(self) -> None:
+        import ray
+
+        from .cluster import worker_shape
+
         shape = worker_shape(self.cfg, len(self.todo))
         n_workers = shape.actors
         self.summary.workers = n_workers
@@ -253,10 +282,13 @@ class _Scheduler:
         inflight = self.inflight
         bars = _Progress(len(self.todo), self.cfg.progress)
         try:
-            while self.todo or self.delayed or inflight:
+            while inflight or (not self.stop_signal and (self.todo or self.delayed)):
+                if self.stop_signal and time.monotonic() >= self.stop_at:
+                    break  # the in-flight shards are abandoned: their workers are killed below
                 self._release_delayed()
                 self.pool.poll_ready()
-                self._dispatch()
+                if not self.stop_signal:
+                    self._dispatch()
                 self._watch(bars)
                 waitable = list(inflight) + self.pool.pending_refs()
                 if not waitable:
@@ -278,7 +310,10 @@ class _Scheduler:
         finally:
             bars.close()
             self.summary.worker_start_deaths = self.pool.start_deaths
-            self.pool.shutdown()
+            busy = {s for s, _ in inflight.values()}
+            self.pool.shutdown(busy)
+        if self.stop_signal and (inflight or self.todo or self.delayed):
+            raise RunStopped(self.stop_signal, self._stopped_message())
 
     def _dispatch(self) -> None:
         """Up to two shards in flight per ready worker (one running, one queued behind it)."""
@@ -332,6 +367,14 @@ class _Scheduler:
                      "its worker was killed and replaced")
             self._handle(task, {"status": "failed", "stem": task.stem, "reason": Reason.TIMEOUT.value,
                                 "error": error}, bars)
+
+    def _stopped_message(self) -> str:
+        name = signal.Signals(self.stop_signal).name
+        abandoned = (f", {len(self.inflight)} abandoned in flight after {self.cfg.stop_grace:g} s"
+                     if self.inflight else "")
+        return (f"stopped by {name}: {self.summary.done} shard(s) committed in this run, "
+                f"{len(self.todo) + len(self.delayed)} not started{abandoned}; the lease is released: "
+                "rerun the same command to resume")
 
     def _release_delayed(self) -> None:
         now = time.monotonic()
@@ -477,14 +520,18 @@ class _ActorPool:
         ray.kill(self.actors[slot], no_restart=True)
         self._spawn(slot)
 
-    def shutdown(self) -> None:
+    def shutdown(self, busy: set[int] | None = None) -> None:
+        """Close the idle workers, kill all; with `busy` slots (shards abandoned on them), wait
+        (bounded) until those are dead, so that none of them commits after the driver is gone."""
         import ray
 
         # let each worker stop its decoding children first (they and their queues' semaphores go
         # cleanly); a worker that does not answer in time is killed anyway
-        # (only those that started: one still waiting for a node or resources would never
-        # answer, and the run would end 10 s late)
-        closing = [a.close.remote() for a, ready in zip(self.actors, self.ready, strict=True) if ready]
+        # (only idle ones that started: one still waiting for a node or resources, or busy with
+        # a shard, would not answer, and the run would end 10 s late)
+        busy = busy or set()
+        closing = [a.close.remote() for i, (a, ready) in enumerate(zip(self.actors, self.ready, strict=True))
+                   if ready and i not in busy]
         try:
             if closing:
                 ray.wait(closing, num_returns=len(closing), timeout=10)
@@ -492,6 +539,24 @@ class _ActorPool:
             pass
         for a in self.actors:
             ray.kill(a, no_restart=True)
+        deadline = time.monotonic() + 10
+        for slot in busy:
+            _await_dead(self.actors[slot], deadline)
+
+
+def _await_dead(actor: Any, deadline: float) -> None:
+    """Return once `actor` (killed) is dead, or at `deadline`."""
+    import ray
+
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.pid.remote(), timeout=max(0.1, deadline - time.monotonic()))
+        except ray.exceptions.GetTimeoutError:
+            log.warning("a killed worker did not die within the bound; carrying on")
+            return
+        except Exception:  # noqa: BLE001 - RayActorError: it is dead
+            return
+        time.sleep(0.1)  # it still answered: the kill has not landed yet
 
 
 def _actor_failure(task: ShardTask, e: Exception) -> dict[str, Any]:

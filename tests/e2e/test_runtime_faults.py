@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 
+import psutil
 import pytest
 
 from pipeline.config import JobConfig
@@ -91,3 +95,58 @@ def test_permanent_failures_are_not_retried(tmp_path, ray_session, tiny_model_di
         assert summary.failures[stem].startswith(reason)
     assert "missing.tar" in summary.failures["missing"]
     assert verify(str(out)).clean()
+
+
+def _descendants(pid: int) -> set[psutil.Process]:
+    try:
+        return set(psutil.Process(pid).children(recursive=True))
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def test_sigterm_stops_cleanly(tmp_path, tiny_model_dir):
+    """`wintok tokenize` on its own local Ray gets SIGTERM while a shard is in flight (sleeping
+    longer than the stop grace): it exits within a bound with one clear line, releases the
+    lease, stops its Ray, and nothing is committed after it exited."""
+    corpus.make_shards(tmp_path / "in", n_shards=4, per_shard=2, seed=54)
+    job = tmp_path / "job.yaml"
+    job.write_text("stop_grace: 2\n")
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(WINTOK_FAILPOINTS="shard_start=sleep:6", PYTHONPATH=REPO)
+    cmd = [sys.executable, "-m", "pipeline.cli", "tokenize", "--job", str(job),
+           f"{tmp_path}/in/{{00000..00003}}.tar", str(out), "--model", tiny_model_dir, "--workers", "1",
+           "--batch-size", "4", "--max-retries", "0", "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 180
+        procs: set[psutil.Process] = set()
+        while time.time() < deadline and proc.poll() is None:
+            procs |= _descendants(proc.pid)  # Ray's processes and the workers, as they appear
+            if (out / "_manifest").is_dir() and os.listdir(out / "_manifest"):
+                break  # 00000 is committed: 00001 is sleeping in the worker now
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        procs |= _descendants(proc.pid)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    took = time.monotonic() - t0
+    exited = set(os.listdir(out / "_manifest"))
+    err_text = err.decode()
+    assert took < 40, f"took {took:.0f} s to stop"
+    assert proc.returncode == 128 + signal.SIGTERM, err_text[-3000:]
+    last = err_text.strip().splitlines()[-1]
+    assert last.startswith("wintok: stopped by SIGTERM") and "rerun the same command" in last, err_text[-3000:]
+    assert "Traceback" not in err_text, err_text[-3000:]
+    assert not (out / "_lease.json").exists()
+    time.sleep(8)  # longer than the abandoned shard's sleep: it would have committed by now
+    assert set(os.listdir(out / "_manifest")) == exited
+    assert len(exited) < 4
+    report = verify(str(out))
+    assert report.clean(), report.render()
+    alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"left running after the driver exited: {[p.name() for p in alive]}"
