@@ -53,6 +53,9 @@ def _job_args(p: argparse.ArgumentParser, teacher_only: bool = False) -> None:
                                                    "(default 3)")
     p.add_argument("--retry-backoff", type=float, help="seconds before the first retry (doubles each time; "
                                                        "default 2)")
+    p.add_argument("--shard-timeout", type=float, metavar="SECONDS",
+                   help="fail a shard (reason timeout) that makes no progress for this long, and replace "
+                        "its worker (default 600)")
     _bool(p, "--overwrite", "redo every shard even if OUTPUT holds a different run")
     _bool(p, "--retry-failed", "only take up the shards recorded as failed")
     _bool(p, "--break-lease", "take over OUTPUT's lease at once, even from a run that may be alive "
@@ -246,11 +249,17 @@ def _is_user_error(e: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .signals import RunStopped, raise_stopped, trap_sigterm
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("default")
     a = build_parser().parse_args(argv)
     try:
-        return a.func(a)
+        with trap_sigterm(raise_stopped):  # SIGTERM (preemption) stops the run like SIGINT
+            return a.func(a)
+    except RunStopped as e:
+        print(f"wintok: {e}", file=sys.stderr)
+        return e.exit_status
     except KeyboardInterrupt:
         print("wintok: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

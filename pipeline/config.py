@@ -46,6 +46,8 @@ class JobConfig:
     max_retries: int = 3
     retry_backoff: float = 2.0
     retry_backoff_max: float = 120.0
+    shard_timeout: float = 600.0        # seconds a shard may go without progress before it fails (timeout)
+    stop_grace: float = 10.0            # on SIGTERM: seconds in-flight shards get to finish before abandoned
     overwrite: bool = False
     retry_failed: bool = False
     # storage: credentials best come from AWS_* variables or a profile; s3_key/s3_secret are never written out
@@ -69,6 +71,8 @@ class JobConfig:
         if self.batch_size < 1 or (self.decode_threads or 1) < 1 or self.max_retries < 0 \
                 or (self.torch_threads or 1) < 1:
             raise JobConfigError("batch_size, decode_threads and torch_threads must be >= 1, max_retries >= 0")
+        if not self.shard_timeout > 0 or not self.stop_grace >= 0:
+            raise JobConfigError("shard_timeout must be > 0 seconds and stop_grace >= 0")
         if self.workers is not None and self.workers < 1:
             raise JobConfigError("workers must be >= 1")
         if self.model is None and self.teacher is None:

@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import re
+import signal
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -26,8 +27,10 @@ from .config import JobConfig
 from .io import Storage, StorageOptions, expand_inputs, s3_options
 from .lease import Lease, LeaseLost
 from .runner import ModelSpec
+from .signals import RunStopped, trap_sigterm
 from .urls import StemError, normalize_stem, redact_text, redact_url, shard_stems
-from .worker import ShardTask, WorkerConfig, make_actor_class
+from .watchdog import Watchdog
+from .worker import PERMANENT, Reason, ShardTask, WorkerConfig, make_actor_class
 from .writer import FAILED_DIR, MANIFEST_DIR, RUN_FILE, failed_rel
 
 log = logging.getLogger("wintok")
@@ -236,13 +239,43 @@ class _Scheduler:
         self.history: dict[str, list[str]] = {}
         self.seq: dict[ShardTask, int] = {}
         self.counter = itertools.count()
+        self.inflight: dict[Any, tuple[int, ShardTask]] = {}  # insertion order = submission order
+        self.watchdog = Watchdog(cfg.shard_timeout)
+        self.probes: dict[int, Any] = {}  # slot -> its outstanding progress probe
+        self.stop_signal = 0              # the signal that asked the run to stop (0: none)
+        self.stop_at = 0.0
 
     def run(self) -> None:
+        """Start Ray (stopped again after if it was started here) and run every shard of `todo`.
+
+        On SIGTERM no new shard starts; in-flight ones get `stop_grace` seconds to finish, then
+        the workers are killed and `RunStopped` is raised (the lease is released on the way out)."""
         import ray
 
-        from .cluster import start_ray, worker_shape
+        from .cluster import start_ray
 
-        start_ray(self.cfg)
+        started = not ray.is_initialized()
+        with trap_sigterm(None):  # ray.init installs its own SIGTERM handler: put back ours after
+            start_ray(self.cfg)
+            try:
+                with trap_sigterm(self._on_sigterm):
+                    self._run()
+            finally:
+                if started:
+                    ray.shutdown()
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self.stop_signal:  # asked twice: stop waiting for the in-flight shards
+            raise RunStopped(signum)
+        self.stop_signal, self.stop_at = signum, time.monotonic() + self.cfg.stop_grace
+        log.warning("%s: starting no new shard; the %d in flight get %g s to finish",
+                    signal.Signals(signum).name, len(self.inflight), self.cfg.stop_grace)
+
+    def _run(self) -> None:
+        import ray
+
+        from .cluster import worker_shape
+
         shape = worker_shape(self.cfg, len(self.todo))
         n_workers = shape.actors
         self.summary.workers = n_workers
@@ -256,19 +289,19 @@ class _Scheduler:
         )
         self.pool = _ActorPool(actor_cls, wcfg, n_workers, self.cfg.max_retries + 1, self.cfg.retry_backoff,
                                 self.cfg.retry_backoff_max)
-        inflight: dict[Any, tuple[int, ShardTask]] = {}  # insertion order = submission order
+        inflight = self.inflight
         bars = _Progress(len(self.todo), self.cfg.progress)
         try:
-            while self.todo or self.delayed or inflight:
+            while inflight or (not self.stop_signal and (self.todo or self.delayed)):
                 if self.lease:
                     self.lease.check()
+                if self.stop_signal and time.monotonic() >= self.stop_at:
+                    break  # the in-flight shards are abandoned: their workers are killed below
                 self._release_delayed()
                 self.pool.poll_ready()
-                for slot in self.pool.ready_slots():
-                    while self.todo and sum(1 for s, _ in inflight.values() if s == slot) < 2:
-                        task = self.todo.popleft()
-                        self.seq[task] = next(self.counter)
-                        inflight[self.pool.actors[slot].process.remote(task, self.fp)] = (slot, task)
+                if not self.stop_signal:
+                    self._dispatch()
+                self._watch(bars)
                 waitable = list(inflight) + self.pool.pending_refs()
                 if not waitable:
                     time.sleep(0.05)
@@ -283,12 +316,8 @@ class _Scheduler:
                     except Exception as e:  # noqa: BLE001 - actor death, OOM kill
                         result = _actor_failure(task, e)
                         if self.pool.replace_if_dead(slot):
-                            # the shard that was running is charged; those queued behind it are not
-                            queued = [r for r, (s_, _) in inflight.items() if s_ == slot]
-                            order = [task] + [inflight.pop(r)[1] for r in queued]
-                            order.sort(key=lambda t: self.seq[t])
-                            task, requeue = order[0], order[1:]
-                            self.todo.extendleft(reversed(requeue))
+                            task = self._drop_slot(slot, task)
+                    self.watchdog.started(slot, time.monotonic())  # the next one queued there starts
                     if result.get("status") == "lease_lost":
                         raise LeaseLost(result.get("error", "lost the lease"))
                     if self.lease:
@@ -297,7 +326,71 @@ class _Scheduler:
         finally:
             bars.close()
             self.summary.worker_start_deaths = self.pool.start_deaths
-            self.pool.shutdown()
+            busy = {s for s, _ in inflight.values()}
+            self.pool.shutdown(busy)
+        if self.stop_signal and (inflight or self.todo or self.delayed):
+            raise RunStopped(self.stop_signal, self._stopped_message())
+
+    def _dispatch(self) -> None:
+        """Up to two shards in flight per ready worker (one running, one queued behind it)."""
+        for slot in self.pool.ready_slots():
+            n = sum(1 for s, _ in self.inflight.values() if s == slot)
+            if n == 0 and self.todo:
+                self.watchdog.started(slot, time.monotonic())
+            while self.todo and n < 2:
+                task = self.todo.popleft()
+                self.seq[task] = next(self.counter)
+                self.inflight[self.pool.actors[slot].process.remote(task, self.fp)] = (slot, task)
+                n += 1
+
+    def _drop_slot(self, slot: int, task: ShardTask | None = None) -> ShardTask:
+        """The worker of `slot` is gone: take its shards out of flight. The one it was running
+        (the first submitted) is returned, to be charged; those queued behind it go back to the
+        front of the queue, uncharged."""
+        queued = [r for r, (s, _) in self.inflight.items() if s == slot]
+        order = ([task] if task else []) + [self.inflight.pop(r)[1] for r in queued]
+        order.sort(key=lambda t: self.seq[t])
+        self.todo.extendleft(reversed(order[1:]))
+        self.watchdog.forget(slot)
+        self.probes.pop(slot, None)
+        return order[0]
+
+    def _watch(self, bars: _Progress) -> None:
+        """Probe the busy workers' progress counters (at the watchdog's interval); a shard whose
+        worker made no progress for `shard_timeout` s fails (timeout) and the worker is replaced."""
+        import ray
+
+        now = time.monotonic()
+        if not self.watchdog.probe_due(now):
+            return
+        busy = {s for s, _ in self.inflight.values()}
+        for slot in busy:
+            ref = self.probes.get(slot)
+            if ref is not None:
+                if not ray.wait([ref], timeout=0)[0]:
+                    continue  # no answer yet: counts as no progress
+                del self.probes[slot]
+                try:
+                    self.watchdog.seen(slot, ray.get(ref), now)
+                except Exception:  # noqa: BLE001 - a dead worker: its shard's own call reports it
+                    continue
+            self.probes[slot] = self.pool.actors[slot].progress.remote()
+        for slot, idle in self.watchdog.stalled(busy, now).items():
+            task = self._drop_slot(slot)
+            log.warning("shard %s made no progress for %.0f s: killing its worker", task.stem, idle)
+            self.pool.replace(slot)
+            error = (f"no progress for {idle:.0f} s (shard timeout {self.cfg.shard_timeout:g} s); "
+                     "its worker was killed and replaced")
+            self._handle(task, {"status": "failed", "stem": task.stem, "reason": Reason.TIMEOUT.value,
+                                "error": error}, bars)
+
+    def _stopped_message(self) -> str:
+        name = signal.Signals(self.stop_signal).name
+        abandoned = (f", {len(self.inflight)} abandoned in flight after {self.cfg.stop_grace:g} s"
+                     if self.inflight else "")
+        return (f"stopped by {name}: {self.summary.done} shard(s) committed in this run, "
+                f"{len(self.todo) + len(self.delayed)} not started{abandoned}; the lease is released: "
+                "rerun the same command to resume")
 
     def _release_delayed(self) -> None:
         now = time.monotonic()
@@ -318,12 +411,12 @@ class _Scheduler:
                 log.warning("could not remove the stale failure record of %s: %s", task.stem, e)
             bars.shard_done(m.rows, m.errors)
             return
-        reason, error = result.get("reason", "unknown"), redact_text(result.get("error", ""))
+        reason, error = result.get("reason", Reason.WORKER_ERROR.value), redact_text(result.get("error", ""))
         self.history.setdefault(task.stem, []).append(f"attempt {task.attempt}: {reason}: {error[:300]}")
-        if task.attempt <= self.cfg.max_retries:
+        if reason not in PERMANENT and task.attempt <= self.cfg.max_retries:  # only transient ones back off
             delay = min(self.cfg.retry_backoff * 2 ** (task.attempt - 1), self.cfg.retry_backoff_max)
             delay *= 0.5 + random.random()
-            safe = task.safe_mode or reason in ("worker_died", "oom")
+            safe = task.safe_mode or reason in (Reason.WORKER_DIED, Reason.OOM)
             nxt = ShardTask(task.url, task.stem, task.attempt + 1, task.run_fingerprint, safe)
             self.delayed.append((time.monotonic() + delay, nxt))
             return
@@ -433,18 +526,28 @@ class _ActorPool:
             return False
         except Exception:  # noqa: BLE001 - dead or unreachable: replace it
             pass
-        ray.kill(self.actors[slot], no_restart=True)
-        self._spawn(slot)
+        self.replace(slot)
         return True
 
-    def shutdown(self) -> None:
+    def replace(self, slot: int) -> None:
+        """Kill the worker of `slot` (stuck, or dead already) and start another in its place."""
+        import ray
+
+        ray.kill(self.actors[slot], no_restart=True)
+        self._spawn(slot)
+
+    def shutdown(self, busy: set[int] | None = None) -> None:
+        """Close the idle workers, kill all; with `busy` slots (shards abandoned on them), wait
+        (bounded) until those are dead, so that none of them commits after the driver is gone."""
         import ray
 
         # let each worker stop its decoding children first (they and their queues' semaphores go
         # cleanly); a worker that does not answer in time is killed anyway
-        # (only those that started: one still waiting for a node or resources would never
-        # answer, and the run would end 10 s late)
-        closing = [a.close.remote() for a, ready in zip(self.actors, self.ready, strict=True) if ready]
+        # (only idle ones that started: one still waiting for a node or resources, or busy with
+        # a shard, would not answer, and the run would end 10 s late)
+        busy = busy or set()
+        closing = [a.close.remote() for i, (a, ready) in enumerate(zip(self.actors, self.ready, strict=True))
+                   if ready and i not in busy]
         try:
             if closing:
                 ray.wait(closing, num_returns=len(closing), timeout=10)
@@ -452,6 +555,24 @@ class _ActorPool:
             pass
         for a in self.actors:
             ray.kill(a, no_restart=True)
+        deadline = time.monotonic() + 10
+        for slot in busy:
+            _await_dead(self.actors[slot], deadline)
+
+
+def _await_dead(actor: Any, deadline: float) -> None:
+    """Return once `actor` (killed) is dead, or at `deadline`."""
+    import ray
+
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.pid.remote(), timeout=max(0.1, deadline - time.monotonic()))
+        except ray.exceptions.GetTimeoutError:
+            log.warning("a killed worker did not die within the bound; carrying on")
+            return
+        except Exception:  # noqa: BLE001 - RayActorError: it is dead
+            return
+        time.sleep(0.1)  # it still answered: the kill has not landed yet
 
 
 def _actor_failure(task: ShardTask, e: Exception) -> dict[str, Any]:
@@ -461,13 +582,13 @@ def _actor_failure(task: ShardTask, e: Exception) -> dict[str, Any]:
     low = text.lower()
     if isinstance(e, rex.OutOfMemoryError) or "outofmemoryerror" in low or "memory pressure" in low \
             or "memory monitor" in low or "(oom)" in low:
-        reason = "oom"
+        reason = Reason.OOM
     elif isinstance(e, rex.RayActorError | rex.ActorUnavailableError):
-        reason = "worker_died"
+        reason = Reason.WORKER_DIED
     else:
-        reason = "worker_error"
+        reason = Reason.WORKER_ERROR
     first = _cause_line(text)
-    return {"status": "failed", "stem": task.stem, "reason": reason, "error": first}
+    return {"status": "failed", "stem": task.stem, "reason": reason.value, "error": first}
 
 
 def _cause_line(text: str) -> str:

@@ -15,6 +15,7 @@ import time
 import traceback
 from collections import deque
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -86,11 +87,45 @@ class _Batch:
 _DONE = object()
 
 
+class Reason(StrEnum):
+    """Why a shard attempt failed: the `reason` of a failed result and of `_failed/<stem>.json`."""
+
+    NOT_FOUND = "not_found"        # the input (or a folder on its path) does not exist
+    PERMISSION = "permission"      # access denied
+    SHARD_READ = "shard_read"      # malformed input: not a tar, truncated, corrupt
+    IO = "io"                      # a storage error still there after io.py's own retries
+    WORKER_ERROR = "worker_error"  # anything else raised while processing
+    WORKER_DIED = "worker_died"    # the worker process died (crash, node lost)
+    OOM = "oom"                    # killed for memory
+    TIMEOUT = "timeout"            # no progress for `shard_timeout` seconds: the worker was replaced
+
+
+# failures that cannot go away by trying again: the shard fails at once, without backoff
+PERMANENT: frozenset[Reason] = frozenset({Reason.NOT_FOUND, Reason.PERMISSION, Reason.SHARD_READ})
+
+
+def failure_reason(exc: BaseException) -> Reason:
+    """The reason of a shard attempt that raised `exc` (the one place exceptions are classified)."""
+    if isinstance(exc, ShardReadError | IsADirectoryError):
+        return Reason.SHARD_READ
+    if isinstance(exc, FileNotFoundError | NotADirectoryError):
+        return Reason.NOT_FOUND
+    if isinstance(exc, PermissionError):
+        return Reason.PERMISSION
+    if isinstance(exc, OSError):
+        return Reason.IO
+    return Reason.WORKER_ERROR
+
+
 class ShardProcessor:
     """Loads the model(s) once; `process` turns one input shard into one committed output."""
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
+        # moves on every shard start and every sample read, decoded and written: the driver's
+        # watchdog reads it (through the actor's control group) while a shard runs. Threads
+        # update it without a lock; a lost update does not matter, only that it moves.
+        self.progress = 0
         if config.torch_threads:
             import torch
 
@@ -113,6 +148,7 @@ class ShardProcessor:
     def process(self, task: ShardTask, fingerprint: dict[str, Any]) -> dict[str, Any]:
         """Returns {'status': 'ok', 'manifest': json} or {'status': 'failed', 'reason', 'error'}."""
         t0 = time.monotonic()
+        self.progress += 1
         failpoint("shard_start", task.stem)
         schema = tokens_schema(self.runner.layout, fingerprint)
         writer = ShardWriter(self.storage, task.stem, task.url, schema, fingerprint,
@@ -141,19 +177,10 @@ class ShardProcessor:
         except LeaseLost as e:  # another run holds OUTPUT now: commit nothing, the driver stops
             writer.discard()
             return {"status": "lease_lost", "stem": task.stem, "reason": "lease_lost", "error": str(e)}
-        except ShardReadError as e:
+        except Exception as e:  # noqa: BLE001 - classified once; the driver decides on retries
             writer.discard()
-            return _failure(task, "shard_read", str(e))
-        except FileNotFoundError as e:
-            writer.discard()
-            return _failure(task, "not_found", f"{redact_url(task.url)}: {e}")
-        except OSError as e:
-            writer.discard()
-            return _failure(task, "io", f"{type(e).__name__}: {e}")
-        except Exception as e:  # noqa: BLE001 - the driver decides on retries
-            writer.discard()
-            tb = traceback.format_exc(limit=3).strip().splitlines()
-            return _failure(task, "worker_error", f"{type(e).__name__}: {e} | {' / '.join(tb[-3:])}")
+            reason = failure_reason(e)
+            return _failure(task, reason, _describe(e, reason, task.url))
         finally:
             writer.cleanup()
 
@@ -181,6 +208,7 @@ class ShardProcessor:
                     outputs = self.runner.run(item.pixels[: item.n]) if item.n else {}
                 finally:
                     self._give_back(item.pixels)
+                self.progress += 1
                 written.put((item.items, [it for it in item.items if it.ok], outputs))
         finally:
             stop.set()
@@ -269,6 +297,7 @@ class ShardProcessor:
             if chunk is pending:
                 flush()
             r = decoder.results(chunk)[pos]
+            self.progress += 1
             window.popleft()
             if isinstance(r, SampleError):
                 items.append(_Item(sample, error=r))
@@ -283,6 +312,7 @@ class ShardProcessor:
 
         try:
             for sample in iter_samples(stream, url):
+                self.progress += 1
                 chunk = None
                 if not sample.error and sample.image is not None:
                     if pending is None:
@@ -312,6 +342,7 @@ class ShardProcessor:
 
     def _consume(self, items: list[_Item], good: list[_Item], outputs: dict[str, np.ndarray], task: ShardTask,
                  writer: ShardWriter) -> None:
+        self.progress += len(items)
         for it in items:
             if not it.ok:
                 err = it.error
@@ -339,10 +370,21 @@ def _split_reason(text: str) -> tuple[str, str]:
     return (reason.strip() or "read_error"), (detail.strip() or text)
 
 
-def _failure(task: ShardTask, reason: str, error: str) -> dict[str, Any]:
+def _describe(e: BaseException, reason: Reason, url: str) -> str:
+    if isinstance(e, ShardReadError):
+        return str(e)  # names the shard already
+    if reason in PERMANENT:
+        return f"{redact_url(url)}: {type(e).__name__}: {e}"
+    if reason is Reason.IO:
+        return f"{type(e).__name__}: {e}"
+    tb = traceback.format_exc(limit=3).strip().splitlines()
+    return f"{type(e).__name__}: {e} | {' / '.join(tb[-3:])}"
+
+
+def _failure(task: ShardTask, reason: Reason, error: str) -> dict[str, Any]:
     error = redact_text(error)  # libraries quote the URLs they read, credentials and all
     log.warning("shard %s attempt %d failed (%s): %s", task.stem, task.attempt, reason, error)
-    return {"status": "failed", "stem": task.stem, "reason": reason, "error": error[:4000]}
+    return {"status": "failed", "stem": task.stem, "reason": reason.value, "error": error[:4000]}
 
 
 WORKER_ENV = ("WINTOK_FAILPOINTS", "WINTOK_FAILPOINT_MARK", "WINTOK_CACHE")
@@ -386,6 +428,10 @@ def make_actor_class(num_gpus: float, num_cpus: float, cpu_model: bool = False) 
 
         def close(self) -> None:
             self.processor.close()
+
+        @ray.method(concurrency_group="control")  # answers while a shard runs: the watchdog's probe
+        def progress(self) -> int:
+            return self.processor.progress
 
         @ray.method(concurrency_group="control")
         def node_id(self) -> str:
