@@ -42,9 +42,9 @@ def test_shard_timeout_option():
     from pipeline.cli import _job_from_args, build_parser
     from pipeline.config import JobConfig, JobConfigError
 
-    assert JobConfig().shard_timeout == 600
-    a = build_parser().parse_args(["tokenize", "in.tar", "out", "--shard-timeout", "2.5"])
+    assert JobConfig(model="wintok-tiny").shard_timeout == 600
+    a = build_parser().parse_args(["tokenize", "in.tar", "out", "--model", "wintok-tiny", "--shard-timeout", "2.5"])
     assert _job_from_args(a, teacher_only=False).shard_timeout == 2.5
     for bad in (0, -1):
         with pytest.raises(JobConfigError, match="shard_timeout"):
-            JobConfig(shard_timeout=bad)
+            JobConfig(model="wintok-tiny", shard_timeout=bad)
