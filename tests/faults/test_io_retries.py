@@ -138,21 +138,40 @@ def test_upload_retries_and_gives_up_as_oserror(s3_proxy, s3_direct, opts, monke
 
 
 def test_proxy_stop_does_not_wait_for_handlers(s3_endpoint):
+    """A handler in the middle of a 600 s delay neither blocks stop() nor outlives it long; the
+    listener is closed. Every wait here is bounded, so a regression fails instead of hanging."""
     import http.client
+    import socket
     import threading
     import time
 
     proxy = S3FaultProxy(s3_endpoint).start()
     rule = proxy.add("delay", delay=600, times=None)
     host = proxy.url.split("//")[1]
+    finished = threading.Event()
 
     def call():
         try:
-            http.client.HTTPConnection(host, timeout=60).request("GET", "/")
+            conn = http.client.HTTPConnection(host, timeout=60)
+            conn.request("GET", "/")
+            conn.getresponse().read()
         except OSError:
             pass
+        finally:
+            finished.set()
 
     threading.Thread(target=call, daemon=True).start()
+    deadline = time.monotonic() + 10
     while rule.hits == 0:
+        assert time.monotonic() < deadline, "the request never reached the proxy's delay"
         time.sleep(0.01)
-    proxy.stop()  # a handler in the middle of a long delay neither blocks stop() nor outlives it long
+    stopper = threading.Thread(target=proxy.stop, daemon=True)
+    t0 = time.monotonic()
+    stopper.start()
+    stopper.join(5)
+    assert not stopper.is_alive(), "stop() waits for a handler that is sleeping out its delay"
+    assert time.monotonic() - t0 < 5
+    assert finished.wait(10), "the delayed handler outlived stop() by more than 10 s"
+    assert rule.hits == 1
+    with pytest.raises(OSError):
+        socket.create_connection(tuple(host.rsplit(":", 1)), timeout=2).close()

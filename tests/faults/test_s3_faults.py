@@ -411,8 +411,12 @@ def test_driver_side_requests_are_retried(s3_direct, s3_proxy, ray_session, tiny
 
 def test_lost_response_to_the_lease_create(s3_direct, s3_proxy, ray_session, tiny_model_dir, tmp_path):
     plan = _setup(s3_direct, "flt-lease", tmp_path, n_shards=2)
-    s3_proxy.add("error500", method="PUT", path=r"/out/_lease\.json$", times=1, after_backend=True)
+    """The lease PUT reaches S3 but its answer is lost (500): the retry must see its own lease."""
+    rule = s3_proxy.add("error500", method="PUT", path=r"/out/_lease\.json$", times=1, after_backend=True)
     summary = _run("flt-lease", 2, s3_proxy, tiny_model_dir)
+    assert rule.hits == 1, "the injected fault never fired: the test proves nothing"
+    assert len(s3_proxy.requests("PUT", r"/out/_lease\.json$")) >= 2  # the create was tried again
+    assert summary.ok and summary.done == 2
     verify_output(s3_direct, "flt-lease", plan, summary)
 
 

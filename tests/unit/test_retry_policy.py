@@ -1,0 +1,77 @@
+"""The io layer's backoff: delays double per retry up to the cap, jitter stays in its bounds,
+and `with_retries` really waits those growing delays between tries."""
+
+from __future__ import annotations
+
+import errno
+import random
+
+import pytest
+
+from pipeline import io as pio
+
+POLICY = pio.RetryPolicy(retries=6, backoff=0.5, backoff_max=10.0)
+
+
+def _base(retry: int) -> float:
+    """The documented un-jittered delay: backoff * 2**(n-1), capped at backoff_max."""
+    return min(POLICY.backoff * 2 ** (retry - 1), POLICY.backoff_max)
+
+
+def test_same_jitter_delays_double_until_the_cap():
+    """With the jitter drawn from one seed, delay(n+1) = 2 x delay(n) while uncapped, then flat."""
+    for seed in range(20):
+        delays = []
+        for n in range(1, 9):
+            random.seed(seed)
+            delays.append(POLICY.delay(n))
+        jitter = delays[0] / _base(1)
+        for n, d in enumerate(delays, start=1):
+            assert d == pytest.approx(_base(n) * jitter, rel=1e-12), (seed, n, delays)
+        uncapped = [d for n, d in enumerate(delays, start=1) if POLICY.backoff * 2 ** n <= POLICY.backoff_max]
+        assert all(b == pytest.approx(2 * a) for a, b in zip(uncapped, uncapped[1:], strict=False)), delays
+        assert delays[-1] == delays[-2] <= 1.5 * POLICY.backoff_max  # capped
+
+
+def test_jitter_bounds_and_average_growth():
+    """Over many draws each delay(n) lies in [0.5, 1.5) x its base and the mean roughly doubles."""
+    rng_state = random.getstate()
+    try:
+        random.seed(1234)
+        means = []
+        for n in range(1, 6):
+            draws = [POLICY.delay(n) for _ in range(400)]
+            assert min(draws) >= 0.5 * _base(n) and max(draws) < 1.5 * _base(n), n
+            assert max(draws) - min(draws) > 0.5 * _base(n)  # there is jitter at all
+            means.append(sum(draws) / len(draws))
+        for n in range(1, 5):
+            if _base(n + 1) < POLICY.backoff_max:
+                assert means[n] > 1.7 * means[n - 1], means
+    finally:
+        random.setstate(rng_state)
+
+
+def test_with_retries_sleeps_growing_delays(monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr(pio.time, "sleep", slept.append)  # record instead of waiting
+    tries = []
+
+    def flaky() -> str:
+        tries.append(1)
+        if len(tries) <= 4:
+            raise ConnectionResetError(errno.ECONNRESET, "reset by peer")
+        return "ok"
+
+    assert pio.with_retries(flaky, "reading x", POLICY) == "ok"
+    assert len(tries) == 5 and len(slept) == 4
+    for n, s in enumerate(slept, start=1):
+        assert 0.5 * _base(n) <= s < 1.5 * _base(n), (n, slept)
+    assert slept[3] > slept[0]  # 8x the base: larger whatever the jitter
+
+
+def test_permanent_errors_are_not_retried(monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr(pio.time, "sleep", slept.append)
+    with pytest.raises(FileNotFoundError):
+        pio.with_retries(lambda: (_ for _ in ()).throw(FileNotFoundError("gone")), "reading x", POLICY)
+    assert slept == []
