@@ -17,7 +17,7 @@ import pytest
 from pipeline.config import JobConfig
 from pipeline.driver import committed_stems, run_job
 from pipeline.io import Storage
-from pipeline.status import read_manifests
+from pipeline.status import load_manifests
 from pipeline.verify import verify
 from tests import corpus
 from tests.e2e.helpers import file_states
@@ -50,7 +50,7 @@ def test_rerun_over_inputs_without_common_root_commits_nothing_new(tmp_path, mon
     storage = Storage(str(tmp_path / "out"))
     local = "file" + str(tmp_path).replace(os.sep, "/")
     stems = {f"{local}/in/00000", f"{local}/in/00001", f"{local}/other/00003", f"s3/{bucket}/ds/00004"}
-    assert committed_stems(storage) == {m.stem for m in read_manifests(storage)} == stems
+    assert committed_stems(storage) == {m.stem for m in load_manifests(storage)[0]} == stems
     committed = file_states(str(tmp_path / "out" / "_manifest")) | file_states(str(tmp_path / "out" / "shards"))
 
     again = run_job(cfg)  # only the failed shard is tried again
