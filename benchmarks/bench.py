@@ -35,13 +35,11 @@ import argparse
 import datetime as dt
 import io
 import json
-import math
 import os
 import platform
 import shutil
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from pathlib import Path
@@ -58,108 +56,7 @@ MiB = 1 << 20
 
 
 # =============================================================================== corpus
-def _photo(rng: Any, w: int, h: int) -> Any:
-    """A photo-like RGB picture: smooth colour field + gradient + shapes + sensor-like noise."""
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFilter
-
-    gh, gw = (int(v) for v in rng.integers(2, 7, 2))
-    field = Image.fromarray(rng.integers(0, 256, (gh, gw, 3), dtype=np.uint8), "RGB")
-    base = np.asarray(field.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
-    gx, gy = rng.uniform(-50, 50, 2)
-    base = base + (np.linspace(-1, 1, w, dtype=np.float32)[None, :] * gx
-                   + np.linspace(-1, 1, h, dtype=np.float32)[:, None] * gy)[..., None]
-    im = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(im)
-    for _ in range(int(rng.integers(4, 16))):
-        x0, x1 = sorted(int(v) for v in rng.integers(0, w, 2))
-        y0, y1 = sorted(int(v) for v in rng.integers(0, h, 2))
-        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
-        kind = rng.random()
-        if kind < 0.4:
-            draw.ellipse((x0, y0, x1, y1), fill=fill)
-        elif kind < 0.75:
-            draw.rectangle((x0, y0, x1, y1), fill=fill)
-        else:
-            draw.line((x0, y0, x1, y1), fill=fill, width=int(rng.integers(1, 12)))
-    im = im.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.5))))  # soft edges, like optics
-    arr = np.asarray(im, dtype=np.float32)
-    arr += rng.standard_normal((h, w, 1), dtype=np.float32) * float(rng.uniform(2, 8))   # luma grain
-    arr += rng.standard_normal((h, w, 3), dtype=np.float32) * float(rng.uniform(1, 4))   # chroma grain
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
-
-
-def _make_image(args: tuple[int, int]) -> tuple[bytes, int, int]:
-    """Image `i` of pool seed `seed` -> (JPEG bytes, w, h). Deterministic."""
-    import numpy as np
-
-    seed, i = args
-    rng = np.random.default_rng([seed, i])
-    if rng.random() < 0.15:  # large: long side 1024..2048
-        long_side = int(rng.integers(1024, 2049))
-        short = int(long_side * rng.uniform(0.56, 1.0))
-        w, h = (long_side, short) if rng.random() < 0.7 else (short, long_side)
-    else:  # typical web image: 300..800 px a side
-        w, h = (int(v) for v in rng.integers(300, 801, 2))
-    im = _photo(rng, w, h)
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=int(rng.integers(80, 96)))
-    return buf.getvalue(), w, h
-
-
-def image_pool(work: Path, count: int, seed: int, procs: int) -> list[tuple[bytes, int, int]]:
-    """`count` unique JPEGs, cached in work/ as a pickle."""
-    import pickle
-    from multiprocessing import get_context
-
-    path = work / f"pool-{seed}-{count}.pkl"
-    if path.exists():
-        with open(path, "rb") as f:
-            return pickle.load(f)
-    work.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    with get_context("fork").Pool(max(1, procs)) as pool:
-        images = pool.map(_make_image, [(seed, i) for i in range(count)], chunksize=8)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(images, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)
-    log(f"corpus: made {count} unique JPEGs in {time.monotonic() - t0:.1f} s -> {path.name}")
-    return images
-
-
-def corpus(work: Path, images: int, shard_size: int, pool_size: int, seed: int, procs: int) -> dict[str, Any]:
-    """`images` samples (jpg + txt + json) in tars of `shard_size`, cycling the unique pool."""
-    folder = work / f"corpus-{images}-{shard_size}-{pool_size}-{seed}"
-    done = folder / "_done.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    pool = image_pool(work, pool_size, seed, procs)
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    t0 = time.monotonic()
-    n_shards = max(1, math.ceil(images / shard_size))
-    total_bytes, pixels, large = 0, 0, 0
-    for s in range(n_shards):
-        with tarfile.open(folder / f"{s:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as tf:
-            for j in range(s * shard_size, min(images, (s + 1) * shard_size)):
-                data, w, h = pool[j % len(pool)]
-                total_bytes += len(data)
-                pixels += w * h
-                large += max(w, h) >= 1024
-                key = f"{s:05d}{j:07d}"
-                meta = json.dumps({"key": key, "width": w, "height": h, "source": "bench"}).encode()
-                for ext, payload in (("jpg", data), ("txt", f"a synthetic photo {key}".encode()), ("json", meta)):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size, info.mtime, info.mode = len(payload), 1_700_000_000, 0o644
-                    tf.addfile(info, io.BytesIO(payload))
-    info = {"folder": str(folder), "glob": str(folder / "*.tar"), "images": images, "shards": n_shards,
-            "shard_size": shard_size, "unique_images": min(pool_size, images), "jpeg_bytes": total_bytes,
-            "mean_jpeg_kb": round(total_bytes / images / 1024, 1),
-            "mean_megapixels": round(pixels / images / 1e6, 3), "large_fraction": round(large / images, 3)}
-    done.write_text(json.dumps(info, indent=1))
-    log(f"corpus: wrote {images} samples in {n_shards} tars in {time.monotonic() - t0:.1f} s -> {folder.name}")
-    return info
+from benchmarks.corpus import corpus, shard_urls  # noqa: E402 - after the sys.path line above
 
 
 def _decode_threads(p: dict) -> int:
@@ -174,10 +71,6 @@ def _decode_mode(p: dict) -> str:
     import torch
 
     return _resolved_mode(p.get("decode_mode"), torch.cuda.is_available())
-
-
-def shard_urls(info: dict[str, Any]) -> list[str]:
-    return sorted(str(p) for p in Path(info["folder"]).glob("*.tar"))
 
 
 # =============================================================================== FLOPs
