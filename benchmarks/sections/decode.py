@@ -22,17 +22,19 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from pipeline.preprocess import PreprocessConfig
 
     urls = shard_urls(spec["corpus"])
-    shape = pipeline_shape(spec)
-    decoders = shape.actors * shape.decode_threads
+    count, mode = decoders(spec)
     pre = PreprocessConfig(image_size=spec["image_size"])
     B = spec["batch_size"]
-    if shape.decode_mode == "processes":
-        res = _processes(urls, pre, B, decoders)
-    else:
-        res = _threads(urls, pre, B, decoders)
-    res.update(decode_threads=decoders, decode_mode=shape.decode_mode, maxrss_mib=maxrss_mib())
+    res = (_processes if mode == "processes" else _threads)(urls, pre, B, count)
+    res.update(decode_threads=count, decode_mode=mode, maxrss_mib=maxrss_mib())
     res.update(subset_costs(urls, pre.image_size, min(200, res["images"])))
     return res
+
+
+def decoders(spec: dict[str, Any]) -> tuple[int, str]:
+    """The pipeline's decoders on this machine in all (workers x decoders per worker) and its decode mode."""
+    shape = pipeline_shape(spec)
+    return shape.actors * shape.decode_threads, shape.decode_mode
 
 
 def _threads(urls: list[str], pre: Any, B: int, threads: int) -> dict[str, Any]:

@@ -71,22 +71,30 @@ def timed_worker_stages(proc: Any) -> Iterator[StageTimes]:
         del proc.runner.run, proc._consume  # the instance attributes: the class's methods again
 
 
+def worker_config(spec: dict[str, Any], out: str) -> Any:
+    """The `WorkerConfig` the driver gives each worker for this spec (its shape from `shape_for`)."""
+    from pipeline.driver import model_spec
+    from pipeline.worker import WorkerConfig
+
+    cfg = job_config(spec, out)
+    shape = pipeline_shape(spec)
+    return WorkerConfig(output=out, model=model_spec(cfg), resize=cfg.resize, max_image_pixels=cfg.max_image_pixels,
+                        batch_size=cfg.batch_size, decode_threads=shape.decode_threads, decode_mode=shape.decode_mode,
+                        prefetch=cfg.prefetch, row_group_rows=cfg.row_group_rows, torch_threads=shape.torch_threads)
+
+
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     from pipeline import worker as W
-    from pipeline.driver import model_spec, run_fingerprint
+    from pipeline.driver import run_fingerprint
     from schemas import fingerprint_digest
 
     out = str(Path(spec["work"]) / "out-inproc")
     shutil.rmtree(out, ignore_errors=True)
-    cfg = job_config(spec, out)
-    shape = pipeline_shape(spec)
-    fp = run_fingerprint(cfg)
+    wcfg = worker_config(spec, out)
+    fp = run_fingerprint(job_config(spec, out))
     digest = fingerprint_digest(fp)
     t_load = time.perf_counter()
-    proc = W.ShardProcessor(W.WorkerConfig(
-        output=out, model=model_spec(cfg), resize=cfg.resize, max_image_pixels=cfg.max_image_pixels,
-        batch_size=cfg.batch_size, decode_threads=shape.decode_threads, decode_mode=shape.decode_mode,
-        prefetch=cfg.prefetch, row_group_rows=cfg.row_group_rows, torch_threads=shape.torch_threads))
+    proc = W.ShardProcessor(wcfg)
     load_s = time.perf_counter() - t_load
     rows = 0
     with timed_worker_stages(proc) as times:
@@ -99,7 +107,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         secs = time.perf_counter() - t0
     proc.close()
     return {"images": rows, "seconds": round(secs, 3), "img_s": round(rows / secs, 2),
-            "model_load_s": round(load_s, 2), "decode_mode": shape.decode_mode, **_shares(times, secs),
+            "model_load_s": round(load_s, 2), "decode_mode": wcfg.decode_mode, **_shares(times, secs),
             "maxrss_mib": maxrss_mib()}
 
 

@@ -7,6 +7,7 @@ The steady rate comes from the commit records: the shards committed after the fi
 from __future__ import annotations
 
 import datetime as dt
+import json
 import shutil
 import time
 from pathlib import Path
@@ -41,14 +42,13 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def manifest_rates(out: Path) -> dict[str, Any]:
-    """Steady-state rate from the commit records (`wintok status`'s reader): shards committed after the first."""
-    from pipeline.io import Storage
-    from pipeline.status import read_manifests
-
+    """Steady-state rate from the commit records (OUTPUT/_manifest/<stem>.json, the documented
+    output layout): the shards committed after the first one."""
     events, busy, rows = [], 0.0, 0
-    for m in read_manifests(Storage(str(out))):
-        events.append((dt.datetime.fromisoformat(m.finished_at).timestamp(), int(m.rows)))
-        busy += float(m.seconds or 0.0)
-        rows += int(m.rows)
+    for f in (out / "_manifest").glob("*.json"):
+        m = json.loads(f.read_text())
+        events.append((dt.datetime.fromisoformat(m["finished_at"]).timestamp(), int(m["rows"])))
+        busy += float(m.get("seconds") or 0.0)
+        rows += int(m["rows"])
     return {"steady_img_s": steady(events), "shards": len(events),
             "worker_busy_img_s": round(rows / busy, 2) if busy else None}
