@@ -16,7 +16,7 @@
 # registry with `pip install -e '.[bench]'`.
 #
 # Knobs (environment): IMAGES (12000), SHARD_SIZE (375 -> 32 shards), BATCH (256), DECODE_THREADS
-# (cores - 2), SCALING_N (1500 -> 1500 and 15000), BUDGET (seconds for the benchmark itself, 420),
+# (decoders per worker; default: the pipeline's, a GPU worker's CPU share - 2), SCALING_N (1500 -> 1500 and 15000), BUDGET (seconds for the benchmark itself, 420),
 # PYTHON (python3), WORK (scratch, /tmp/wintok-bench: the corpus is ~1 GB and stays out of $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -62,15 +62,16 @@ fi
 echo "== packages ready after $(( $(date +%s) - T0 )) s"
 
 # ---------------------------------------------------------------- the run
-CORES=$(nproc)
-DECODE_THREADS=${DECODE_THREADS:-$(( CORES > 4 ? CORES - 2 : CORES ))}
+# the pipeline picks the decoder count (pipeline.cluster.shape_for) unless DECODE_THREADS is given
+DECODE=()
+[ -n "${DECODE_THREADS:-}" ] && DECODE=(--decode-threads "$DECODE_THREADS")
 # limit and pipeline first (with and without the teacher), then decode, the peers, scaling, breakdown;
 # --budget skips (and reports) what no longer fits.
-$PY benchmarks/bench.py \
+$PY -m benchmarks \
   --preset wintok-so400m-256 --images "${IMAGES:-12000}" --shard-size "${SHARD_SIZE:-375}" --pool 1500 \
   --make-teacher "$WORK/teacher-siglip-so400m-256" --teacher-arch so400m-256 \
   --only "$ONLY" --teacher-sections limit,pipeline,inproc \
-  --batch-size "${BATCH:-256}" --decode-threads "$DECODE_THREADS" --decode-mode "${DECODE_MODE:-processes,threads}" \
+  --batch-size "${BATCH:-256}" ${DECODE[@]+"${DECODE[@]}"} --decode-mode "${DECODE_MODE:-processes,threads}" \
   --scaling-images "${SCALING_N:-1500}" --scaling-factor 10 \
   --limit-seconds 4 --section-timeout 200 --budget "${BUDGET:-420}" \
   --work "$WORK" --json "$OUT/results.json" --markdown "$OUT/results.md" --png "$OUT/results.png"

@@ -20,6 +20,8 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, ImageDraw
 
+from benchmarks.corpus import picture  # the one picture generator, shared with the benchmark
+
 Sample = dict[str, Any]
 _MTIME = 1_700_000_000
 
@@ -30,35 +32,13 @@ def _encode(im: Image.Image, fmt: str, **kw: Any) -> bytes:
     return buf.getvalue()
 
 
-def _picture(rng: np.random.Generator, w: int, h: int) -> Image.Image:
-    """A gradient + noise + shapes RGB picture."""
-    c0, c1 = rng.integers(0, 256, 3).astype(np.int16), rng.integers(0, 256, 3).astype(np.int16)
-    t = (np.arange(w, dtype=np.int16)[None, :] * 64 // max(w, 1)) + (
-        np.arange(h, dtype=np.int16)[:, None] * 64 // max(h, 1)
-    )
-    arr = c0 + ((c1 - c0)[None, None, :] * t[..., None]) // 128  # diagonal gradient, int16
-    amp = int(rng.integers(2, 25))
-    arr += rng.integers(-amp, amp + 1, (h, w, 3), dtype=np.int16)  # uniform noise
-    im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(im)
-    for _ in range(int(rng.integers(1, 5))):
-        x0, x1 = sorted(int(v) for v in rng.integers(0, w, 2))
-        y0, y1 = sorted(int(v) for v in rng.integers(0, h, 2))
-        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
-        if rng.random() < 0.5:
-            draw.ellipse((x0, y0, x1, y1), fill=fill)
-        else:
-            draw.rectangle((x0, y0, x1, y1), fill=fill)
-    return im
-
-
 def good_images(n: int, seed: int, prefix: str = "") -> list[tuple[str, bytes, str]]:
     """n varied JPEG/PNG pictures (50..400 px, mostly non-square) as (key, bytes, ext)."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
         w, h = (int(v) for v in rng.integers(50, 401, 2))
-        im = _picture(rng, w, h)
+        im = picture(rng, w, h)
         if rng.random() < 0.7:
             data, ext = _encode(im, "JPEG", quality=int(rng.integers(75, 96))), "jpg"
         else:
@@ -130,12 +110,12 @@ def _animated(fmt: str) -> bytes:
 def broken_corpus() -> list[Sample]:
     """Hard and broken samples, each with the outcome the pipeline must produce."""
     rng = np.random.default_rng(1234)
-    jpeg = _encode(_picture(rng, 128, 96), "JPEG", quality=90)
-    png = _encode(_picture(rng, 96, 80), "PNG", compress_level=1)
-    cmyk = _encode(_picture(rng, 90, 70).convert("CMYK"), "JPEG", quality=90)
-    gray = _encode(_picture(rng, 70, 90).convert("L"), "JPEG", quality=90)
-    webp = _encode(_picture(rng, 80, 60), "WEBP", quality=80)
-    wide = _encode(_picture(rng, 4000, 10), "PNG", compress_level=1)
+    jpeg = _encode(picture(rng, 128, 96), "JPEG", quality=90)
+    png = _encode(picture(rng, 96, 80), "PNG", compress_level=1)
+    cmyk = _encode(picture(rng, 90, 70).convert("CMYK"), "JPEG", quality=90)
+    gray = _encode(picture(rng, 70, 90).convert("L"), "JPEG", quality=90)
+    webp = _encode(picture(rng, 80, 60), "WEBP", quality=80)
+    wide = _encode(picture(rng, 4000, 10), "PNG", compress_level=1)
     one = _encode(Image.new("RGB", (1, 1), (10, 200, 30)), "PNG")
     cases: list[tuple[str, dict[str, bytes], str, tuple[int, int] | None]] = [
         ("truncated_jpeg", {"jpg": jpeg[: len(jpeg) // 2]}, "error:truncated", None),
