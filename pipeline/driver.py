@@ -25,13 +25,14 @@ from schemas import SCHEMA_VERSION, FailureRecord, Manifest, fingerprint_digest
 
 from .config import JobConfig
 from .io import Storage, StorageOptions, expand_inputs, s3_options
+from .layout import FAILED_DIR, MANIFEST_DIR, RUN_FILE, failed_rel
 from .lease import Lease, LeaseLost
+from .protocol import PERMANENT, WORKER_LOST, Reason, ShardResult, ShardTask
 from .runner import ModelSpec
 from .signals import RunStopped, trap_sigterm
 from .urls import StemError, normalize_stem, redact_text, redact_url, shard_stems
 from .watchdog import Watchdog
-from .worker import PERMANENT, Reason, ShardTask, WorkerConfig, make_actor_class
-from .writer import FAILED_DIR, MANIFEST_DIR, RUN_FILE, failed_rel
+from .worker import WorkerConfig, make_actor_class
 
 log = logging.getLogger("wintok")
 
@@ -234,7 +235,7 @@ class _Scheduler:
         self.cfg, self.storage, self.opts, self.fp, self.summary = cfg, storage, opts, fp, summary
         self.lease = lease  # checked every loop: a run that lost it stops at once (LeaseLost)
         self.digest = fingerprint_digest(fp)
-        self.todo = deque(ShardTask(u, s, 1, self.digest) for u, s in todo)
+        self.todo = deque(ShardTask(u, s, 1) for u, s in todo)
         self.delayed: list[tuple[float, ShardTask]] = []
         self.history: dict[str, list[str]] = {}
         self.seq: dict[ShardTask, int] = {}
@@ -285,7 +286,7 @@ class _Scheduler:
             max_image_pixels=self.cfg.max_image_pixels, batch_size=self.cfg.batch_size,
             decode_threads=shape.decode_threads, decode_mode=shape.decode_mode, prefetch=self.cfg.prefetch,
             row_group_rows=self.cfg.row_group_rows, storage=self.opts, torch_threads=shape.torch_threads,
-            lease_token=self.lease.token if self.lease else None,
+            lease_token=self.lease.token if self.lease else None, fingerprint=self.fp,
         )
         self.pool = _ActorPool(actor_cls, wcfg, n_workers, self.cfg.max_retries + 1, self.cfg.retry_backoff,
                                 self.cfg.retry_backoff_max)
@@ -318,8 +319,8 @@ class _Scheduler:
                         if self.pool.replace_if_dead(slot):
                             task = self._drop_slot(slot, task)
                     self.watchdog.started(slot, time.monotonic())  # the next one queued there starts
-                    if result.get("status") == "lease_lost":
-                        raise LeaseLost(result.get("error", "lost the lease"))
+                    if result.reason is Reason.LEASE_LOST:
+                        raise LeaseLost(result.error or "lost the lease")
                     if self.lease:
                         self.lease.check(fresh=True)  # _handle writes to OUTPUT: only while we hold it
                     self._handle(task, result, bars)
@@ -340,7 +341,7 @@ class _Scheduler:
             while self.todo and n < 2:
                 task = self.todo.popleft()
                 self.seq[task] = next(self.counter)
-                self.inflight[self.pool.actors[slot].process.remote(task, self.fp)] = (slot, task)
+                self.inflight[self.pool.actors[slot].process.remote(task)] = (slot, task)
                 n += 1
 
     def _drop_slot(self, slot: int, task: ShardTask | None = None) -> ShardTask:
@@ -381,8 +382,7 @@ class _Scheduler:
             self.pool.replace(slot)
             error = (f"no progress for {idle:.0f} s (shard timeout {self.cfg.shard_timeout:g} s); "
                      "its worker was killed and replaced")
-            self._handle(task, {"status": "failed", "stem": task.stem, "reason": Reason.TIMEOUT.value,
-                                "error": error}, bars)
+            self._handle(task, ShardResult.failed(task.stem, Reason.TIMEOUT, error), bars)
 
     def _stopped_message(self) -> str:
         name = signal.Signals(self.stop_signal).name
@@ -398,9 +398,9 @@ class _Scheduler:
         self.delayed = [(w, t) for w, t in self.delayed if w > now]
         self.todo.extend(ready)
 
-    def _handle(self, task: ShardTask, result: dict[str, Any], bars: _Progress) -> None:
-        if result.get("status") == "ok":
-            m = Manifest.from_json(result["manifest"])
+    def _handle(self, task: ShardTask, result: ShardResult, bars: _Progress) -> None:
+        if result.ok:
+            m = Manifest.from_json(result.manifest)
             self.summary.done += 1
             self.summary.images += m.rows
             self.summary.errors += m.errors
@@ -411,14 +411,12 @@ class _Scheduler:
                 log.warning("could not remove the stale failure record of %s: %s", task.stem, e)
             bars.shard_done(m.rows, m.errors)
             return
-        reason, error = result.get("reason", Reason.WORKER_ERROR.value), redact_text(result.get("error", ""))
+        reason, error = result.reason or Reason.WORKER_ERROR, redact_text(result.error)
         self.history.setdefault(task.stem, []).append(f"attempt {task.attempt}: {reason}: {error[:300]}")
         if reason not in PERMANENT and task.attempt <= self.cfg.max_retries:  # only transient ones back off
             delay = min(self.cfg.retry_backoff * 2 ** (task.attempt - 1), self.cfg.retry_backoff_max)
             delay *= 0.5 + random.random()
-            safe = task.safe_mode or reason in (Reason.WORKER_DIED, Reason.OOM)
-            nxt = ShardTask(task.url, task.stem, task.attempt + 1, task.run_fingerprint, safe)
-            self.delayed.append((time.monotonic() + delay, nxt))
+            self.delayed.append((time.monotonic() + delay, task.retry(safe_mode=reason in WORKER_LOST)))
             return
         self.summary.failed += 1
         self.summary.failures[task.stem] = f"{reason}: {error[:500]}"
@@ -575,7 +573,7 @@ def _await_dead(actor: Any, deadline: float) -> None:
         time.sleep(0.1)  # it still answered: the kill has not landed yet
 
 
-def _actor_failure(task: ShardTask, e: Exception) -> dict[str, Any]:
+def _actor_failure(task: ShardTask, e: Exception) -> ShardResult:
     import ray.exceptions as rex
 
     text = str(e)
@@ -588,7 +586,7 @@ def _actor_failure(task: ShardTask, e: Exception) -> dict[str, Any]:
     else:
         reason = Reason.WORKER_ERROR
     first = _cause_line(text)
-    return {"status": "failed", "stem": task.stem, "reason": reason.value, "error": first}
+    return ShardResult.failed(task.stem, reason, first)
 
 
 def _cause_line(text: str) -> str:

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from .io import OBJECT_STORES, Storage, _service_error
+from .layout import LEASE_FILE
 
 log = logging.getLogger("wintok")
-LEASE_FILE = "_lease.json"
 
 
 class LeaseError(RuntimeError):

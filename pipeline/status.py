@@ -10,8 +10,8 @@ from typing import Any
 from schemas import FailureRecord, FileRecord, Manifest
 
 from .io import Storage, StorageOptions
+from .layout import FAILED_DIR, MANIFEST_DIR, RUN_FILE
 from .urls import redact_url
-from .writer import FAILED_DIR, MANIFEST_DIR, RUN_FILE
 
 
 class OutputError(ValueError):

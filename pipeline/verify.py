@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 from schemas import SCHEMA_VERSION, Manifest, read_metadata
 
 from .io import Storage, StorageOptions
+from .layout import ERRORS_DIR, SHARDS_DIR, errors_rel, manifest_rel, shards_rel
 from .status import load_manifests, read_run
-from .writer import ERRORS_DIR, SHARDS_DIR, errors_rel, manifest_rel, shards_rel
 
 
 @dataclass

@@ -15,18 +15,18 @@ import time
 import traceback
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
 
-from schemas import tokens_schema
+from schemas import fingerprint_digest, tokens_schema
 
 from .decoders import Chunk, ThreadDecoder, make_decoder
 from .faults import failpoint
 from .io import Storage, StorageOptions, input_info, open_input
-from .lease import LeaseLost, check_fence
+from .lease import check_fence
 from .preprocess import PreprocessConfig, SampleError
+from .protocol import PERMANENT, Reason, ShardResult, ShardTask, failure_reason
 from .reader import RawSample, ShardReadError, iter_samples
 from .runner import ModelSpec, Runner
 from .urls import redact_text, redact_url
@@ -51,20 +51,12 @@ class WorkerConfig:
     torch_threads: int | None = None
     storage: StorageOptions = field(default_factory=StorageOptions)
     lease_token: str | None = None  # the run's lease token: every commit checks it (None: no check)
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # the run's: in every file's metadata
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("storage")
         return d
-
-
-@dataclass(frozen=True)
-class ShardTask:
-    url: str
-    stem: str
-    attempt: int
-    run_fingerprint: str
-    safe_mode: bool = False   # decode in child processes (after a worker died on this shard)
 
 
 @dataclass
@@ -87,36 +79,6 @@ class _Batch:
 _DONE = object()
 
 
-class Reason(StrEnum):
-    """Why a shard attempt failed: the `reason` of a failed result and of `_failed/<stem>.json`."""
-
-    NOT_FOUND = "not_found"        # the input (or a folder on its path) does not exist
-    PERMISSION = "permission"      # access denied
-    SHARD_READ = "shard_read"      # malformed input: not a tar, truncated, corrupt
-    IO = "io"                      # a storage error still there after io.py's own retries
-    WORKER_ERROR = "worker_error"  # anything else raised while processing
-    WORKER_DIED = "worker_died"    # the worker process died (crash, node lost)
-    OOM = "oom"                    # killed for memory
-    TIMEOUT = "timeout"            # no progress for `shard_timeout` seconds: the worker was replaced
-
-
-# failures that cannot go away by trying again: the shard fails at once, without backoff
-PERMANENT: frozenset[Reason] = frozenset({Reason.NOT_FOUND, Reason.PERMISSION, Reason.SHARD_READ})
-
-
-def failure_reason(exc: BaseException) -> Reason:
-    """The reason of a shard attempt that raised `exc` (the one place exceptions are classified)."""
-    if isinstance(exc, ShardReadError | IsADirectoryError):
-        return Reason.SHARD_READ
-    if isinstance(exc, FileNotFoundError | NotADirectoryError):
-        return Reason.NOT_FOUND
-    if isinstance(exc, PermissionError):
-        return Reason.PERMISSION
-    if isinstance(exc, OSError):
-        return Reason.IO
-    return Reason.WORKER_ERROR
-
-
 class ShardProcessor:
     """Loads the model(s) once; `process` turns one input shard into one committed output."""
 
@@ -135,6 +97,8 @@ class ShardProcessor:
         self.pre = PreprocessConfig(image_size=self.runner.image_size, resize=config.resize,
                                     max_image_pixels=config.max_image_pixels)
         self.storage = Storage(config.output, config.storage)
+        self.schema = tokens_schema(self.runner.layout, config.fingerprint)  # once per worker
+        self.fingerprint_sha256 = fingerprint_digest(config.fingerprint)
         self.window = config.batch_size * 2  # samples submitted for decoding ahead of the batch being filled
         self.decoder = make_decoder(config.decode_mode, config.decode_threads, self.pre, self.window + 1)
         self._batches: queue.Queue = queue.Queue()  # reusable (batch_size, S, S, 3) buffers
@@ -145,13 +109,12 @@ class ShardProcessor:
     def close(self) -> None:
         self.decoder.close()
 
-    def process(self, task: ShardTask, fingerprint: dict[str, Any]) -> dict[str, Any]:
-        """Returns {'status': 'ok', 'manifest': json} or {'status': 'failed', 'reason', 'error'}."""
+    def process(self, task: ShardTask) -> ShardResult:
+        """One attempt at one shard: committed, or failed with its reason (nothing committed)."""
         t0 = time.monotonic()
         self.progress += 1
         failpoint("shard_start", task.stem)
-        schema = tokens_schema(self.runner.layout, fingerprint)
-        writer = ShardWriter(self.storage, task.stem, task.url, schema, fingerprint,
+        writer = ShardWriter(self.storage, task.stem, task.url, self.schema, self.config.fingerprint,
                              row_group_rows=self.config.row_group_rows)
         try:
             # safe mode (a worker died on this shard): thread decoding moves into child processes,
@@ -171,12 +134,9 @@ class ShardProcessor:
                     decoder.close()
             token = self.config.lease_token
             manifest = writer.commit(input_size=size, input_etag=etag, attempts=task.attempt,
-                                     seconds=time.monotonic() - t0, run_fingerprint=task.run_fingerprint,
+                                     seconds=time.monotonic() - t0, run_fingerprint=self.fingerprint_sha256,
                                      fence=(lambda: check_fence(self.storage, token)) if token else None)
-            return {"status": "ok", "stem": task.stem, "manifest": manifest.to_json()}
-        except LeaseLost as e:  # another run holds OUTPUT now: commit nothing, the driver stops
-            writer.discard()
-            return {"status": "lease_lost", "stem": task.stem, "reason": "lease_lost", "error": str(e)}
+            return ShardResult.committed(task.stem, manifest.to_json())
         except Exception as e:  # noqa: BLE001 - classified once; the driver decides on retries
             writer.discard()
             reason = failure_reason(e)
@@ -371,8 +331,8 @@ def _split_reason(text: str) -> tuple[str, str]:
 
 
 def _describe(e: BaseException, reason: Reason, url: str) -> str:
-    if isinstance(e, ShardReadError):
-        return str(e)  # names the shard already
+    if isinstance(e, ShardReadError) or reason is Reason.LEASE_LOST:
+        return str(e)  # names the shard / the new holder already
     if reason in PERMANENT:
         return f"{redact_url(url)}: {type(e).__name__}: {e}"
     if reason is Reason.IO:
@@ -381,10 +341,10 @@ def _describe(e: BaseException, reason: Reason, url: str) -> str:
     return f"{type(e).__name__}: {e} | {' / '.join(tb[-3:])}"
 
 
-def _failure(task: ShardTask, reason: Reason, error: str) -> dict[str, Any]:
+def _failure(task: ShardTask, reason: Reason, error: str) -> ShardResult:
     error = redact_text(error)  # libraries quote the URLs they read, credentials and all
     log.warning("shard %s attempt %d failed (%s): %s", task.stem, task.attempt, reason, error)
-    return {"status": "failed", "stem": task.stem, "reason": reason.value, "error": error[:4000]}
+    return ShardResult.failed(task.stem, reason, error)
 
 
 WORKER_ENV = ("WINTOK_FAILPOINTS", "WINTOK_FAILPOINT_MARK", "WINTOK_CACHE")
@@ -423,8 +383,8 @@ def make_actor_class(num_gpus: float, num_cpus: float, cpu_model: bool = False) 
             logging.basicConfig(level=logging.WARNING)
             self.processor = ShardProcessor(config)
 
-        def process(self, task: ShardTask, fingerprint: dict[str, Any]) -> dict[str, Any]:
-            return self.processor.process(task, fingerprint)
+        def process(self, task: ShardTask) -> ShardResult:
+            return self.processor.process(task)
 
         def close(self) -> None:
             self.processor.close()

@@ -24,26 +24,8 @@ from schemas import FileRecord, Manifest, build_rows, errors_schema
 
 from .faults import failpoint
 from .io import Storage, sha256_file
+from .layout import errors_rel, manifest_rel, shards_rel
 from .urls import redact_url
-
-SHARDS_DIR, ERRORS_DIR, MANIFEST_DIR, FAILED_DIR = "shards", "errors", "_manifest", "_failed"
-RUN_FILE = "_run.json"
-
-
-def shards_rel(stem: str) -> str:
-    return f"{SHARDS_DIR}/{stem}.parquet"
-
-
-def errors_rel(stem: str) -> str:
-    return f"{ERRORS_DIR}/{stem}.parquet"
-
-
-def manifest_rel(stem: str) -> str:
-    return f"{MANIFEST_DIR}/{stem}.json"
-
-
-def failed_rel(stem: str) -> str:
-    return f"{FAILED_DIR}/{stem}.json"
 
 
 class _ParquetSink:

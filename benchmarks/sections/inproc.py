@@ -9,6 +9,7 @@ gives its decoders, decode mode and torch threads); stage times come from `timed
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import threading
@@ -86,13 +87,12 @@ def worker_config(spec: dict[str, Any], out: str) -> Any:
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     from pipeline import worker as W
     from pipeline.driver import run_fingerprint
-    from schemas import fingerprint_digest
+    from pipeline.protocol import ShardTask
 
     out = str(Path(spec["work"]) / "out-inproc")
     shutil.rmtree(out, ignore_errors=True)
-    wcfg = worker_config(spec, out)
     fp = run_fingerprint(job_config(spec, out))
-    digest = fingerprint_digest(fp)
+    wcfg = dataclasses.replace(worker_config(spec, out), fingerprint=fp)
     t_load = time.perf_counter()
     proc = W.ShardProcessor(wcfg)
     load_s = time.perf_counter() - t_load
@@ -100,10 +100,10 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     with timed_worker_stages(proc) as times:
         t0 = time.perf_counter()
         for url in shard_urls(spec["corpus"]):
-            r = proc.process(W.ShardTask(url, Path(url).stem, 1, digest), fp)
-            if r.get("status") != "ok":
+            r = proc.process(ShardTask(url, Path(url).stem, 1))
+            if not r.ok:
                 raise RuntimeError(f"inproc shard failed: {r}")
-            rows += json.loads(r["manifest"])["rows"]
+            rows += json.loads(r.manifest)["rows"]
         secs = time.perf_counter() - t0
     proc.close()
     return {"images": rows, "seconds": round(secs, 3), "img_s": round(rows / secs, 2),

@@ -62,20 +62,22 @@ def test_timed_worker_stages_times_and_restores(tmp_path):
     """The one monkeypatching function counts model, consume and write time, then undoes itself."""
     from benchmarks.sections.inproc import timed_worker_stages
     from pipeline import writer
+    from pipeline.protocol import ShardTask
     from pipeline.runner import ModelSpec
-    from pipeline.worker import ShardProcessor, ShardTask, WorkerConfig
+    from pipeline.worker import ShardProcessor, WorkerConfig
     from schemas import SCHEMA_VERSION
     from tests import corpus
 
     (shard,) = corpus.make_shards(tmp_path / "in", 1, 8, seed=5)
     proc = ShardProcessor(WorkerConfig(output=str(tmp_path / "out"), batch_size=4, decode_threads=1,
-                                       model=ModelSpec(model="wintok-tiny", device="cpu")))
+                                       model=ModelSpec(model="wintok-tiny", device="cpu"),
+                                       fingerprint={"schema_version": SCHEMA_VERSION}))
     add_rows, run, consume = writer.ShardWriter.add_rows, proc.runner.run, proc._consume
     with timed_worker_stages(proc) as times:
-        res = proc.process(ShardTask(shard, "00000", 1, "fp"), {"schema_version": SCHEMA_VERSION})
+        res = proc.process(ShardTask(shard, "00000", 1))
     proc.close()
-    assert res["status"] == "ok", res
-    assert json.loads(res["manifest"])["rows"] == 8
+    assert res.ok, res
+    assert json.loads(res.manifest)["rows"] == 8
     assert all(times.spent[k] > 0 for k in ("model", "consume", "write")), times
     assert times.threads["model"] and times.threads["consume"]
     assert writer.ShardWriter.add_rows is add_rows

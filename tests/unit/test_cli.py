@@ -15,7 +15,8 @@ import pytest
 
 from pipeline.cli import EXIT_USAGE, build_parser, main
 from pipeline.io import Storage
-from pipeline.writer import RUN_FILE, ShardWriter
+from pipeline.layout import RUN_FILE
+from pipeline.writer import ShardWriter
 from schemas import TokenLayout, fingerprint_digest, tokens_schema
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -133,15 +133,16 @@ _RAY_OOM_TEXT = (  # the shape of Ray 2.60's memory-monitor message, shortened
 def test_remote_failure_causes_are_one_useful_line():
     import ray.exceptions as rex
 
-    from pipeline.driver import ShardTask, _actor_failure, _cause_line, _start_death_cause
+    from pipeline.driver import _actor_failure, _cause_line, _start_death_cause
+    from pipeline.protocol import Reason, ShardTask
 
     line = _cause_line(_RAY_OOM_TEXT)
     assert line.startswith("1 worker(s) were killed due to the node running low on memory")
     assert "OOM kill reason: Memory usage" in line and "\n" not in line and "bytes errored" not in line
     oom = rex.OutOfMemoryError(_RAY_OOM_TEXT)
     assert _start_death_cause(oom) == "killed by Ray's memory monitor"
-    failed = _actor_failure(ShardTask("s3://b/00001.tar", "00001", 1, "d"), oom)
-    assert failed["reason"] == "oom" and failed["error"] == line
+    failed = _actor_failure(ShardTask("s3://b/00001.tar", "00001", 1), oom)
+    assert failed.reason is Reason.OOM and failed.error == line
     died = rex.ActorDiedError()  # a system-level death with no context
     assert _start_death_cause(died) == rex.ActorDiedError.BASE_ERROR_MSG
     assert not died.actor_init_failed

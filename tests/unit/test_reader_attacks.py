@@ -316,9 +316,10 @@ def test_worker_writes_latin1_keys_links_and_repeats_as_verify_expects(tmp_path)
     import pyarrow.parquet as pq
 
     from pipeline.io import Storage
+    from pipeline.protocol import ShardTask
     from pipeline.runner import ModelSpec
     from pipeline.verify import _check_shard
-    from pipeline.worker import ShardProcessor, ShardTask, WorkerConfig
+    from pipeline.worker import ShardProcessor, WorkerConfig
     from schemas import SCHEMA_VERSION, Manifest
     from tests import corpus
 
@@ -340,10 +341,10 @@ def test_worker_writes_latin1_keys_links_and_repeats_as_verify_expects(tmp_path)
     shard.write_bytes(buf.getvalue())
     out = tmp_path / "out"
     cfg = WorkerConfig(output=str(out), model=ModelSpec(model="wintok-tiny", device="cpu"), batch_size=4,
-                       decode_threads=1)
-    res = ShardProcessor(cfg).process(ShardTask(str(shard), "in", 1, "fp"), {"schema_version": SCHEMA_VERSION})
-    assert res["status"] == "ok", res
-    manifest = Manifest.from_json(res["manifest"])
+                       decode_threads=1, fingerprint={"schema_version": SCHEMA_VERSION})
+    res = ShardProcessor(cfg).process(ShardTask(str(shard), "in", 1))
+    assert res.ok, res
+    manifest = Manifest.from_json(res.manifest)
     rows = pq.read_table(out / "shards" / "in.parquet").to_pylist()
     errors = pq.read_table(out / "errors" / "in.parquet").to_pylist()
     assert [(r["key"], r["sample_index"]) for r in rows] == [

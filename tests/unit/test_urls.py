@@ -10,9 +10,9 @@ import pytest
 from pipeline.config import JobConfig
 from pipeline.driver import committed_stems, failed_stems
 from pipeline.io import Storage, expand_inputs, get_fs
+from pipeline.layout import failed_rel, manifest_rel
 from pipeline.urls import normalize_stem, redact_text, redact_url, shard_stems
 from pipeline.worker import worker_env
-from pipeline.writer import failed_rel, manifest_rel
 
 SECRETS = ("K3YID", "S3CR3T", "T0KEN", "S1GNATURE", "PASSW0RD", "FRAGM3NT")
 

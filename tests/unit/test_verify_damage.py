@@ -21,8 +21,9 @@ import pytest
 
 from pipeline.cli import main as cli_main
 from pipeline.io import Storage
+from pipeline.layout import RUN_FILE, manifest_rel
 from pipeline.verify import verify
-from pipeline.writer import RUN_FILE, ShardWriter, manifest_rel
+from pipeline.writer import ShardWriter
 from schemas import Manifest, TokenLayout, fingerprint_digest, tokens_schema
 
 FINGERPRINT = {"model": {"name": "test"}, "preprocess": {"image_size": 8}}
