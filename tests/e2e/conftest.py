@@ -61,3 +61,14 @@ def s3fs_client(s3_endpoint):
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, use_listings_cache=False,
                            skip_instance_cache=True)
     return fs
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fault_report():
+    """With WINTOK_FAULTS_REPORT=path.md, the scenarios' table of faults and outcomes goes to path-e2e.md."""
+    yield
+    from tests.e2e.helpers import REPORT, write_report
+
+    path = os.environ.get("WINTOK_FAULTS_REPORT")
+    if path and REPORT:
+        write_report(path)

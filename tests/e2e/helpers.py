@@ -44,3 +44,24 @@ def file_states(root: str) -> dict:
             st = os.stat(p)
             states[p] = (st.st_mtime_ns, st.st_size)
     return states
+
+
+# The fault table (benchmarks/RESULTS.md): scenarios call `record`; with WINTOK_FAULTS_REPORT=path.md
+# the session writes them to path-e2e.md (tests/e2e/conftest.py).
+REPORT: list[dict] = []
+
+
+def record(scenario: str, fault: str, outcome: str, attempts: str, lost: int, duplicates: int,
+           recovery: float | str) -> None:
+    REPORT.append({"scenario": scenario, "fault": fault, "outcome": outcome, "attempts": attempts, "lost": lost,
+                   "duplicates": duplicates, "recovery": recovery if isinstance(recovery, str) else f"{recovery:.2f}"})
+
+
+def write_report(path: str) -> None:
+    root, ext = os.path.splitext(path)
+    with open(f"{root}-e2e{ext or '.md'}", "w") as f:
+        f.write("| scenario | fault injected | outcome | attempts | samples lost | duplicates | recovery s |\n"
+                "|---|---|---|---|---|---|---|\n")
+        for r in REPORT:
+            f.write(f"| {r['scenario']} | {r['fault']} | {r['outcome']} | {r['attempts']} | {r['lost']} | "
+                    f"{r['duplicates']} | {r['recovery']} |\n")

@@ -31,7 +31,7 @@ def test_node_lost_while_busy(tmp_path, tiny_model_dir):
     assert s["shards_done"] == 6 and s["shards_failed"] == 0
     assert s["images"] == 24 and s["sample_errors"] == 0
     assert res["verify_problems"] == []
-    from tests.e2e.test_faults import record
+    from tests.e2e.helpers import record
 
     record("node lost", "a node holding a busy worker removed (2-node Cluster)",
            "its shards re-dispatched to the other node", "<= 2", 0, 0, res["recovery_seconds"])
@@ -45,7 +45,7 @@ def test_worker_killed_for_memory_is_bounded(tmp_path, tiny_model_dir):
     assert s["worker_start_deaths"] == 1, res  # killed while loading the model: started again, not refused
     assert res["failed_record"]["reason"] == "oom" and res["failed_record"]["attempts"] == 3
     assert res["verify_problems"] == []
-    from tests.e2e.test_faults import record
+    from tests.e2e.helpers import record
 
     record("worker killed for memory", "Ray's memory monitor kills the first worker while it starts, then the "
            "worker on every try of one shard",

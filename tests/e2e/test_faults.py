@@ -22,34 +22,10 @@ from pipeline.io import Storage
 from pipeline.lease import Lease, LeaseHeld
 from pipeline.verify import verify
 from tests import corpus
-from tests.e2e.helpers import file_states, ids_by_key, read_output
+from tests.e2e.helpers import file_states, ids_by_key, read_output, record
 
 pytestmark = pytest.mark.e2e
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-REPORT: list[dict] = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _write_report():
-    """With WINTOK_FAULTS_REPORT=path.md, the table of faults and outcomes goes to path-e2e.md."""
-    yield
-    path = os.environ.get("WINTOK_FAULTS_REPORT")
-    if path and REPORT:
-        root, ext = os.path.splitext(path)
-        with open(f"{root}-e2e{ext or '.md'}", "w") as f:
-            f.write("| scenario | fault injected | outcome | attempts | samples lost | duplicates | recovery s |\n"
-                    "|---|---|---|---|---|---|---|\n")
-            for r in REPORT:
-                f.write(f"| {r['scenario']} | {r['fault']} | {r['outcome']} | {r['attempts']} | {r['lost']} | "
-                        f"{r['duplicates']} | {r['recovery']} |\n")
-
-
-def record(scenario: str, fault: str, outcome: str, attempts: str, lost: int, duplicates: int,
-           recovery: float | str) -> None:
-    REPORT.append({"scenario": scenario, "fault": fault, "outcome": outcome, "attempts": attempts, "lost": lost,
-                   "duplicates": duplicates, "recovery": recovery if isinstance(recovery, str) else f"{recovery:.2f}"})
 
 
 def _job(inputs, output, model, **kw) -> JobConfig:

@@ -50,6 +50,10 @@ def test_stale_current_cluster_file_does_not_stop_a_local_run(tmp_path, ray_tmp,
     assert r.returncode == 0, r.stderr[-3000:]
     assert "num_cpus and num_gpus must not be provided" not in r.stderr
     assert sorted(os.listdir(tmp_path / "out" / "_manifest")) == ["00000.json", "00001.json"]
+    from tests.e2e.helpers import record
+
+    record("stale Ray cluster file", "ray_current_cluster names a dead GCS", "a fresh local Ray; both shards "
+           "committed", "1", 0, 0, "-")
 
 
 def test_live_foreign_cluster_does_not_stop_a_local_run(tmp_path, ray_tmp, tiny_model_dir):
@@ -70,6 +74,10 @@ def test_live_foreign_cluster_does_not_stop_a_local_run(tmp_path, ray_tmp, tiny_
         assert r.returncode == 0, r.stderr[-3000:]
         assert sorted(os.listdir(tmp_path / "out" / "_manifest")) == ["00000.json", "00001.json"]
         assert foreign.poll() is None, "the run stopped the foreign cluster"
+        from tests.e2e.helpers import record
+
+        record("foreign Ray on the machine", "`ray start --head` by someone else", "a fresh local Ray; both "
+               "shards committed; the foreign cluster kept running", "1", 0, 0, "-")
     finally:
         os.killpg(foreign.pid, signal.SIGTERM)
         try:

@@ -15,6 +15,7 @@ from pipeline.io import Storage, s3_options
 from pipeline.lease import LEASE_FILE, Lease, LeaseHeld, LeaseLost, check_fence
 from pipeline.writer import ShardWriter
 from tests import corpus
+from tests.e2e.helpers import record
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -87,6 +88,9 @@ def test_a_paused_run_that_lost_its_lease_commits_nothing_and_exits_2(tmp_path, 
         time.sleep(1)
         assert sorted(os.listdir(out / "_manifest")) == committed  # nothing after the takeover
         check_fence(Storage(str(out)), taker.token)  # the lost run did not remove or overwrite it
+        record("driver paused past its lease", "SIGSTOP 2.5 s (lease_ttl 2), lease taken over by a second run, "
+               "SIGCONT", "the resumed run committed nothing more and exited 2 naming the new holder",
+               "1", 0, 0, "stopped at its next check")
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGCONT)

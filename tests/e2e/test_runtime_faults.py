@@ -18,6 +18,7 @@ from pipeline.config import JobConfig
 from pipeline.driver import run_job
 from pipeline.verify import verify
 from tests import corpus
+from tests.e2e.helpers import record
 
 pytestmark = pytest.mark.e2e
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -56,6 +57,37 @@ def test_stuck_shard_times_out_and_its_queue_goes_on(tmp_path, ray_session, tiny
     assert _files_of(out, "00001") == ["_failed/00001.json"]  # nothing of it half-written
     report = verify(str(out))
     assert report.clean() and not report.uncommitted, report.render()
+    record("shard that hangs", "shard 00001 sleeps 300 s at its start on every attempt (--shard-timeout 3)",
+           "timed out twice, worker replaced each time; the shard queued behind it ran elsewhere; failed "
+           "with reason timeout, the other 3 committed", "2", 0, 0, f"run ended after {wall:.2f}")
+
+
+def test_negative_pax_size_fails_its_shard_at_once(tmp_path, ray_session, tiny_model_dir):
+    """A pax header that gives a member a negative size (the parser used to move backwards and
+    loop on it forever): the shard fails at once as shard_read, the others commit."""
+    import io
+    import tarfile
+
+    corpus.make_shards(tmp_path / "in", n_shards=2, per_shard=2, seed=55)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("000000.jpg")
+        info.size = 0
+        info.pax_headers = {"size": "-1536"}
+        tf.addfile(info, io.BytesIO(b""))
+    (tmp_path / "in" / "evil.tar").write_bytes(buf.getvalue())
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    summary = run_job(_job([f"{tmp_path}/in/00000.tar", f"{tmp_path}/in/evil.tar", f"{tmp_path}/in/00001.tar"],
+                           out, tiny_model_dir, max_retries=3, shard_timeout=30))
+    wall = time.monotonic() - t0
+    assert summary.done == 2 and summary.failed == 1 and summary.images == 4
+    rec = json.loads((out / "_failed" / "evil.json").read_text())
+    assert rec["reason"] == "shard_read" and rec["attempts"] == 1 and "size" in rec["error"], rec
+    assert verify(str(out)).clean()
+    record("negative pax size", "a shard whose pax header gives a member size -1536",
+           "failed at once as shard_read (no loop, no retry); the other 2 committed", "1", 0, 0,
+           f"run ended after {wall:.2f}")
 
 
 def test_shard_stuck_once_succeeds_on_retry(tmp_path, ray_session, tiny_model_dir, monkeypatch):
@@ -75,6 +107,9 @@ def test_shard_stuck_once_succeeds_on_retry(tmp_path, ray_session, tiny_model_di
     assert m["attempts"] == 2 and m["rows"] == 3
     assert not (out / "_failed" / "00001.json").exists()
     assert verify(str(out)).clean()
+    record("shard that hangs once", "one decode in shard 00001 sleeps 300 s on the first attempt (--shard-timeout 3)",
+           "timed out, worker replaced, the retry committed the whole shard", "2", 0, 0,
+           f"run ended after {time.monotonic() - t0:.2f}")
 
 
 def test_permanent_failures_are_not_retried(tmp_path, ray_session, tiny_model_dir):
@@ -95,6 +130,9 @@ def test_permanent_failures_are_not_retried(tmp_path, ray_session, tiny_model_di
         assert summary.failures[stem].startswith(reason)
     assert "missing.tar" in summary.failures["missing"]
     assert verify(str(out)).clean()
+    record("failures that cannot go away", "a missing input and a file that is not a tar (--retry-backoff 100)",
+           "each failed at its first attempt (not_found, shard_read), no backoff; the good shard committed",
+           "1", 0, 0, f"run ended after {wall:.2f}")
 
 
 def _descendants(pid: int) -> set[psutil.Process]:
@@ -150,3 +188,6 @@ def test_sigterm_stops_cleanly(tmp_path, tiny_model_dir):
     assert report.clean(), report.render()
     alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"left running after the driver exited: {[p.name() for p in alive]}"
+    record("SIGTERM (preemption)", "SIGTERM to the driver while a shard sleeps past stop_grace (2 s)",
+           f"exit 143 with one line; lease released, Ray stopped, nothing committed after exit; "
+           f"{len(exited)} of 4 committed, the rest resume on rerun", "1", 0, 0, f"exited after {took:.2f}")

@@ -20,7 +20,7 @@ from pipeline.io import Storage
 from pipeline.status import load_manifests
 from pipeline.verify import verify
 from tests import corpus
-from tests.e2e.helpers import file_states
+from tests.e2e.helpers import file_states, record
 
 pytestmark = pytest.mark.e2e
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -66,6 +66,9 @@ def test_rerun_over_inputs_without_common_root_commits_nothing_new(tmp_path, mon
     assert (fixed.done, fixed.skipped, fixed.failed) == (1, 4, 0) and fixed.ok
     assert not (tmp_path / "out" / "_failed" / f"{failed}.json").exists()
     assert verify(str(tmp_path / "out")).clean(strict=True)
+    record("rerun over inputs with no common folder", "inputs under different roots (local next to s3://), rerun, "
+           "then --retry-failed", "the rerun committed nothing new (0 done, 4 skipped, files untouched); "
+           "--retry-failed took up exactly the failed one", "1", 0, 0, "-")
 
 
 class _TokenHandler(http.server.SimpleHTTPRequestHandler):
@@ -162,6 +165,9 @@ def test_no_secret_from_any_source_is_shown_or_stored(tmp_path, s3fs_client, s3_
         assert run["job"]["inputs"][1:3] == [f"s3://***@{bucket}/ds/00001.tar",
                                             f"{web}/00002.tar?token=***&X-Amz-Signature=***"]
         assert run["job"]["output"] == f"s3://***@{bucket}/out"
+        record("secrets in every place", "credentials in AWS_*, WINTOK_S3_OPTIONS, --s3-key/--s3-secret, URL "
+               "userinfo (input and OUTPUT), http query tokens", "none in stdout, stderr, OUTPUT's objects or "
+               "Ray's session logs; inputs read with them", "1", 0, 0, "-")
     finally:
         server.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)
