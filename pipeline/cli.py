@@ -10,6 +10,8 @@ import sys
 import warnings
 from typing import Any
 
+from .config import FIELD_NAMES, FIELDS, flag_of, help_of, value_type
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -17,62 +19,44 @@ def _bool(parser: argparse.ArgumentParser, name: str, help: str) -> None:
     parser.add_argument(name, action="store_true", default=None, help=help)
 
 
+def add_option(p: argparse.ArgumentParser, name: str) -> None:
+    """JobConfig field `name` as a flag, generated from its one declaration (pipeline/config.py):
+    spelling, type, choices, help and default text. Every default here is None (= not given), so
+    a flag that is not given leaves the job file's value alone."""
+    meta, flag, kind = FIELDS[name].metadata, flag_of(name), value_type(name)
+    assert flag is not None, f"{name} has no flag"
+    if kind is bool:
+        negated = FIELDS[name].default is True  # --no-progress: stores False
+        p.add_argument(flag, dest=name, action="store_false" if negated else "store_true", default=None,
+                       help=_escape(f"no {meta['help']}" if negated else help_of(name)))
+    else:
+        p.add_argument(flag, dest=name, type=kind, default=None, choices=meta["choices"], metavar=meta["metavar"],
+                       help=_escape(help_of(name)))
+
+
+def _escape(help: str) -> str:
+    return help.replace("%", "%%")  # argparse %-formats help texts
+
+
 def _job_args(p: argparse.ArgumentParser, teacher_only: bool = False) -> None:
     p.add_argument("paths", nargs="*", metavar="INPUT... OUTPUT",
-                   help="input shards (fsspec URLs, brace ranges {00000..00099}, globs, or a .txt list), "
-                        "then the OUTPUT URL")
-    p.add_argument("--job", help="YAML job file (see jobs/); flags override it")
-    p.add_argument("--output", help="OUTPUT URL (instead of the last positional argument)")
-    if not teacher_only:
-        p.add_argument("--model", help="model directory, official .pth, or preset name (wintok-tiny...: RANDOM "
-                                            "weights); required unless the job file names one")
-        p.add_argument("--encoder-config", help="SigLIP config.json (or folder) for an official .pth")
-        _bool(p, "--allow-pickle", "allow checkpoints that need pickled code (only for files you trust)")
-        p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], help="auto: bf16 on GPU, fp32 on CPU")
-        _bool(p, "--semantic-tokens", "also store the (N, D) semantic tokens (large)")
-        _bool(p, "--no-tokenizer", "teacher embeddings only (same as `wintok embed`)")
-    p.add_argument("--teacher", help="teacher model folder or model id in the local HF cache "
-                                     "(its pooled embedding is stored next to the tokens)")
-    p.add_argument("--teacher-dtype", choices=["auto", "bf16", "fp32"],
-                   help="precision of the teacher (auto: bf16 on GPU, fp32 on CPU)")
-    _bool(p, "--teacher-patch-tokens", "also store the teacher's patch features")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the models run (auto: cuda if visible)")
-    _bool(p, "--compile", "torch.compile the encoder")
-    p.add_argument("--resize", choices=["center-crop", "squash"],
-                   help="center-crop: the central square, resized (default); squash: the whole image resized")
-    p.add_argument("--max-image-pixels", type=int,
-                   help="images with more pixels (from the header) are decompression_bomb errors (default 89478485)")
-    p.add_argument("--batch-size", type=int, help="images per model call (default 64)")
-    p.add_argument("--decode-threads", type=int, help="decoders per worker (threads or processes)")
-    p.add_argument("--decode-mode", choices=["auto", "threads", "processes"],
-                   help="decode in threads of the worker or in child processes (auto: processes on GPU workers)")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--workers", type=int, help="CPU workers when there are no GPUs")
-    p.add_argument("--torch-threads", type=int, help="intra-op threads of each CPU worker")
-    p.add_argument("--max-retries", type=int, help="retries of a failed shard before it is recorded in _failed/ "
-                                                   "(default 3)")
-    p.add_argument("--retry-backoff", type=float, help="seconds before the first retry (doubles each time; "
-                                                       "default 2)")
-    p.add_argument("--shard-timeout", type=float, metavar="SECONDS",
-                   help="fail a shard (reason timeout) that makes no progress for this long, and replace "
-                        "its worker (default 600)")
-    _bool(p, "--overwrite", "redo every shard even if OUTPUT holds a different run")
-    _bool(p, "--retry-failed", "only take up the shards recorded as failed")
-    _bool(p, "--break-lease", "take over OUTPUT's lease at once, even from a run that may be alive "
-          "(only when you know it is dead; if it is not, it stops at its next commit)")
-    p.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, ...); default AWS")
-    p.add_argument("--s3-profile", help="AWS profile for S3 credentials (~/.aws/credentials)")
-    _bool(p, "--s3-anon", "anonymous S3 access")
-    p.add_argument("--s3-key", help="S3 access key id; prefer AWS_* variables or --s3-profile; never written anywhere")
-    p.add_argument("--s3-secret", help="S3 secret key; prefer AWS_* variables or --s3-profile; never written anywhere")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                   help="no progress on stderr (bars on a terminal, a line every 30 s otherwise)")
+                   help=_escape(FIELDS["inputs"].metadata["help"] + ", then the OUTPUT URL"))
+    p.add_argument("--job", help="YAML job file (see jobs/, keys: jobs/REFERENCE.md); flags override it")
+    for name, f in FIELDS.items():
+        if flag_of(name) is None or (teacher_only and f.metadata["tokenizer"]):
+            continue
+        add_option(p, name)
+        if name == "semantic_tokens":
+            _bool(p, "--no-tokenizer", "teacher embeddings only (same as `wintok embed`)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
-MODEL_REQUIRED = ("tokenize needs --model: a model directory, an official .pth, or a preset name "
-                  "(wintok-tiny, wintok-small, wintok-so400m-256: RANDOM weights); teacher embeddings only: "
-                  "`wintok embed` or --no-tokenizer")
+def model_required() -> str:
+    """The one line for tokenize without a model; names the presets (imports torch: error path only)."""
+    from wintok_model.config import PRESETS
+
+    return (f"tokenize needs --model: a model directory, an official .pth, or a preset name "
+            f"({', '.join(PRESETS)}: RANDOM weights); teacher embeddings only: `wintok embed` or --no-tokenizer")
 
 
 def _job_from_args(a: argparse.Namespace, teacher_only: bool) -> Any:
@@ -82,8 +66,7 @@ def _job_from_args(a: argparse.Namespace, teacher_only: bool) -> Any:
     output = a.output
     if output is None and paths:
         output = paths.pop()  # INPUT... OUTPUT: the last positional is the output
-    overrides = {k: v for k, v in vars(a).items()
-                 if k not in ("paths", "job", "json", "cmd", "func", "no_tokenizer")}
+    overrides = {k: v for k, v in vars(a).items() if k in FIELD_NAMES}
     overrides["output"] = output
     overrides["inputs"] = tuple(paths) if paths else None
     if teacher_only or getattr(a, "no_tokenizer", None):
@@ -91,7 +74,7 @@ def _job_from_args(a: argparse.Namespace, teacher_only: bool) -> Any:
         if not a.teacher:
             raise JobConfigError("teacher-only mode needs --teacher")
     elif a.model is None and not (a.job and load_job_file(a.job).get("model")):
-        raise JobConfigError(MODEL_REQUIRED)
+        raise JobConfigError(model_required())
     cfg = resolve(a.job, overrides)
     if teacher_only and cfg.model is not None:
         cfg = cfg.replace(model=None)
@@ -155,7 +138,7 @@ def cmd_status(a: argparse.Namespace) -> int:
     from .io import s3_options
     from .status import render, status
 
-    s = status(a.output, s3_options(a.s3_endpoint_url, a.s3_profile, a.s3_anon))
+    s = status(a.output, s3_options(a.s3_endpoint_url, a.s3_profile, bool(a.s3_anon)))
     print(json.dumps(s, indent=1) if a.json else render(s))
     return EXIT_OK if s["shards_failed"] == 0 else EXIT_FAILED
 
@@ -164,7 +147,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
     from .io import s3_options
     from .verify import repair, verify
 
-    opts = s3_options(a.s3_endpoint_url, a.s3_profile, a.s3_anon)
+    opts = s3_options(a.s3_endpoint_url, a.s3_profile, bool(a.s3_anon))
     report = verify(a.output, opts)
     if a.repair and report.damaged:
         repair(a.output, report, opts)
@@ -175,7 +158,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
 def cmd_convert(a: argparse.Namespace) -> int:
     from wintok_model.checkpoint import convert_checkpoint
 
-    model = convert_checkpoint(a.src, a.out_dir, encoder_config=a.encoder_config, allow_pickle=a.allow_pickle)
+    model = convert_checkpoint(a.src, a.out_dir, encoder_config=a.encoder_config,
+                               allow_pickle=bool(a.allow_pickle))
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {a.out_dir} ({n / 1e6:.1f}M parameters); use it with --model {a.out_dir}")
     return EXIT_OK
@@ -202,9 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=helptext)
         s.add_argument("output", metavar="OUTPUT", help="the OUTPUT URL a tokenize run wrote")
         s.add_argument("--json", action="store_true", help="print the report as JSON")
-        s.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, ...); default AWS")
-        s.add_argument("--s3-profile", help="AWS profile for S3 credentials (~/.aws/credentials)")
-        s.add_argument("--s3-anon", action="store_true", help="anonymous S3 access")
+        for option in ("s3_endpoint_url", "s3_profile", "s3_anon"):
+            add_option(s, option)
         if name == "verify":
             s.add_argument("--strict", action="store_true", help="uncommitted leftovers count as problems")
             s.add_argument("--repair", action="store_true",
@@ -214,9 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert-checkpoint", help="official WinTok .pth -> model directory (safetensors)")
     c.add_argument("src", help="the official WinTok .pth checkpoint")
     c.add_argument("out_dir", help="model directory to write (config.json + model.safetensors)")
-    c.add_argument("--encoder-config", help="SigLIP config.json (or folder) the checkpoint was trained from")
-    c.add_argument("--allow-pickle", action="store_true",
-                   help="allow a checkpoint that needs pickled code (only for files you trust)")
+    add_option(c, "encoder_config")
+    add_option(c, "allow_pickle")
     c.set_defaults(func=cmd_convert)
     d = sub.add_parser("demo", help="make a small photo corpus and tokenize it on a local Ray (CPU ok)")
     d.add_argument("--dir", default="wintok_demo", help="folder for the demo corpus and output (default wintok_demo)")

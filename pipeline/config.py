@@ -1,73 +1,114 @@
-"""The job: one frozen dataclass. YAML job files and CLI flags both resolve into it."""
+"""The job: one frozen dataclass. YAML job files and CLI flags both resolve into it.
+
+Every option is declared once, here, on its field: default, help, choices and CLI spelling live in
+the field's metadata (`option`). `wintok tokenize`/`embed` generate their flags from it
+(pipeline/cli.py), `__post_init__` checks choices from it, and jobs/REFERENCE.md is generated from
+it (`python -m pipeline.config > jobs/REFERENCE.md`; a test keeps it current).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field, fields
+import types
+import typing
+from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
 import yaml
+
+# Values other modules share with JobConfig (preprocess, worker, runner, demo import them):
+MAX_IMAGE_PIXELS = 89_478_485                  # PIL's own decompression-bomb limit
+RESIZE_MODES = ("center-crop", "squash")       # the first is the default
+DTYPES = ("auto", "bf16", "fp32", "fp16")      # auto: bf16 on CUDA, fp32 on CPU
+DEVICES = ("auto", "cpu", "cuda")
+DECODE_MODES = ("auto", "threads", "processes")
+TINY_PRESET = "wintok-tiny"                    # the few-MB preset (random weights): the demo's model
 
 
 class JobConfigError(ValueError):
     """A job file or flag is wrong; the message says which and what to do."""
 
 
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, flag: str | None = None,
+           metavar: str | None = None, job_only: bool = False, tokenizer: bool = False,
+           secret: bool = False, positional: bool = False) -> Any:
+    """A JobConfig field with its one declaration of help, choices and CLI spelling.
+
+    flag: the CLI spelling (default `--field-name`, `--no-field-name` for a bool that defaults to
+    True; its help then reads "no <help>"); job_only: no flag, job files only;
+    tokenizer: the WinTok model's options, not offered by `wintok embed`; secret: never shown
+    (repr) nor written (`public_dict`); positional: given as INPUT... on the command line."""
+    meta = {"help": help, "choices": choices, "flag": flag, "metavar": metavar, "job_only": job_only,
+            "tokenizer": tokenizer, "secret": secret, "positional": positional}
+    return field(default=default, repr=not secret, metadata=meta)
+
+
 @dataclass(frozen=True)
 class JobConfig:
-    inputs: tuple[str, ...] = ()
-    output: str = ""
-    # model(s)
-    model: str | None = None            # required (or a teacher): no silent random-weights default
-    encoder_config: str | None = None
-    allow_pickle: bool = False
-    dtype: str = "auto"
-    device: str = "auto"
-    semantic_tokens: bool = False
-    teacher: str | None = None
-    teacher_dtype: str = "auto"
-    teacher_patch_tokens: bool = False
-    compile: bool = False
+    inputs: tuple[str, ...] = option((), "input shards (fsspec URLs, brace ranges {00000..00099}, globs, or a "
+                                         ".txt list)", positional=True)
+    output: str = option("", "OUTPUT URL: a local folder or an s3:// URL (instead of the last positional argument)")
+    # model(s): no silent random-weights default, tokenize needs --model (or a teacher)
+    model: str | None = option(None, f"model directory, official .pth, or preset name ({TINY_PRESET}...: RANDOM "
+                                     "weights); required unless the job file names one", tokenizer=True)
+    encoder_config: str | None = option(None, "SigLIP config.json (or folder) for an official .pth", tokenizer=True)
+    allow_pickle: bool = option(False, "allow checkpoints that need pickled code (only for files you trust)",
+                                tokenizer=True)
+    dtype: str = option("auto", "auto: bf16 on GPU, fp32 on CPU", choices=DTYPES, tokenizer=True)
+    semantic_tokens: bool = option(False, "also store the (N, D) semantic tokens (large)", tokenizer=True)
+    teacher: str | None = option(None, "teacher model folder or model id in the local HF cache "
+                                       "(its pooled embedding is stored next to the tokens)")
+    teacher_dtype: str = option("auto", "precision of the teacher; auto: bf16 on GPU, fp32 on CPU", choices=DTYPES)
+    teacher_patch_tokens: bool = option(False, "also store the teacher's patch features")
+    device: str = option("auto", "where the models run; auto: cuda if visible", choices=DEVICES)
+    compile: bool = option(False, "torch.compile the encoder")
     # preprocessing and batching
-    resize: str = "center-crop"
-    max_image_pixels: int = 89_478_485
-    batch_size: int = 64
-    decode_threads: int | None = None   # decoders per worker; None: CPUs per GPU - 2 on GPU workers, half a CPU worker's share
-    decode_mode: str = "auto"           # threads | processes | auto (processes on GPU workers, threads on CPU ones)
-    prefetch: int = 2
-    row_group_rows: int = 1024
+    resize: str = option(RESIZE_MODES[0], "center-crop: the central square, resized; squash: the whole image "
+                                          "resized", choices=RESIZE_MODES)
+    max_image_pixels: int = option(MAX_IMAGE_PIXELS, "images with more pixels (from the header) are "
+                                                     "decompression_bomb errors")
+    batch_size: int = option(64, "images per model call")
+    decode_threads: int | None = option(None, "decoders per worker, threads or processes (default: from "
+                                              "the worker's CPU share)")
+    decode_mode: str = option("auto", "decode in threads of the worker or in child processes; auto: processes on "
+                                      "GPU workers, threads on CPU ones", choices=DECODE_MODES)
+    prefetch: int = option(2, "decoded batches queued ahead of the model in each worker", job_only=True)
+    row_group_rows: int = option(1024, "rows per Parquet row group", job_only=True)
     # cluster
-    address: str | None = None
-    workers: int | None = None          # CPU workers when the cluster has no GPUs
-    torch_threads: int | None = None    # CPU workers: intra-op threads (default: the worker's CPU share)
-    gpus_per_worker: float = 1.0
+    address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    workers: int | None = option(None, "CPU workers when there are no GPUs")
+    torch_threads: int | None = option(None, "intra-op threads of each CPU worker (default: its CPU share)")
+    gpus_per_worker: float = option(1.0, "GPUs per worker actor", job_only=True)
     # reliability
-    max_retries: int = 3
-    retry_backoff: float = 2.0
-    retry_backoff_max: float = 120.0
-    shard_timeout: float = 600.0        # seconds a shard may go without progress before it fails (timeout)
-    stop_grace: float = 10.0            # on SIGTERM: seconds in-flight shards get to finish before abandoned
-    overwrite: bool = False
-    retry_failed: bool = False
+    max_retries: int = option(3, "retries of a failed shard before it is recorded in _failed/")
+    retry_backoff: float = option(2.0, "seconds before the first retry, doubled each time")
+    retry_backoff_max: float = option(120.0, "longest wait in seconds between two tries of a shard", job_only=True)
+    shard_timeout: float = option(600.0, "fail a shard (reason timeout) that makes no progress for this long, and "
+                                         "replace its worker", metavar="SECONDS")
+    stop_grace: float = option(10.0, "on SIGTERM: seconds in-flight shards get to finish before they are "
+                                     "abandoned", job_only=True)
+    overwrite: bool = option(False, "redo every shard even if OUTPUT holds a different run")
+    retry_failed: bool = option(False, "only take up the shards recorded as failed")
+    break_lease: bool = option(False, "take over OUTPUT's lease at once, even from a run that may be alive "
+                                      "(only when you know it is dead; if it is not, it stops at its next commit)")
     # storage: credentials best come from AWS_* variables or a profile; s3_key/s3_secret are never written out
-    s3_endpoint_url: str | None = None
-    s3_profile: str | None = None
-    s3_anon: bool = False
-    s3_key: str | None = field(default=None, repr=False)      # prefer AWS_* variables or a profile
-    s3_secret: str | None = field(default=None, repr=False)
-    lease_ttl: float = 60.0
-    break_lease: bool = False           # take over OUTPUT's lease even from a holder that may be alive
-    progress: bool = True
+    s3_endpoint_url: str | None = option(None, "S3-compatible endpoint (MinIO, Ceph, ...); default AWS")
+    s3_profile: str | None = option(None, "AWS profile for S3 credentials (~/.aws/credentials)")
+    s3_anon: bool = option(False, "anonymous S3 access")
+    s3_key: str | None = option(None, "S3 access key id; prefer AWS_* variables or --s3-profile; never written "
+                                      "anywhere", secret=True)
+    s3_secret: str | None = option(None, "S3 secret key; prefer AWS_* variables or --s3-profile; never written "
+                                         "anywhere", secret=True)
+    lease_ttl: float = option(60.0, "seconds without renewal after which OUTPUT's lease counts as dead",
+                              job_only=True)
+    progress: bool = option(True, "progress on stderr (bars on a terminal, a line every 30 s otherwise)")
 
     def __post_init__(self) -> None:
-        if self.decode_mode not in ("auto", "threads", "processes"):
-            raise JobConfigError(f"decode_mode must be auto, threads or processes, not {self.decode_mode!r}")
-        if self.resize not in ("center-crop", "squash"):
-            raise JobConfigError(f"resize must be center-crop or squash, not {self.resize!r}")
-        for name in ("dtype", "teacher_dtype"):
-            if getattr(self, name) not in ("auto", "bf16", "fp32", "fp16"):
-                raise JobConfigError(f"{name} must be auto, bf16 or fp32, not {getattr(self, name)!r}")
+        for f in fields(self):
+            choices, value = f.metadata["choices"], getattr(self, f.name)
+            if choices and value not in choices:
+                raise JobConfigError(f"{f.name} must be {_one_of(choices)}, not {value!r}")
         if self.batch_size < 1 or (self.decode_threads or 1) < 1 or self.max_retries < 0 \
                 or (self.torch_threads or 1) < 1:
             raise JobConfigError("batch_size, decode_threads and torch_threads must be >= 1, max_retries >= 0")
@@ -82,18 +123,71 @@ class JobConfig:
         return dataclasses.replace(self, **kw)
 
     def public_dict(self) -> dict[str, Any]:
-        """The resolved job as saved in `_run.json`: credentials masked, URLs redacted (`redact_url`)."""
+        """The resolved job as saved in `_run.json`: secrets masked, URLs redacted (`redact_url`)."""
         from .urls import redact_url
 
         d = dataclasses.asdict(self)
         d["inputs"] = [redact_url(u) for u in self.inputs]
         d["output"] = redact_url(self.output)
-        for secret in ("s3_key", "s3_secret"):
-            d[secret] = "***" if d[secret] else None
+        for f in fields(self):
+            if f.metadata["secret"]:
+                d[f.name] = "***" if d[f.name] else None
         return d
 
 
-FIELD_NAMES = {f.name for f in fields(JobConfig)}
+def _one_of(choices: tuple[str, ...]) -> str:
+    return ", ".join(choices[:-1]) + f" or {choices[-1]}"
+
+
+FIELDS: dict[str, Field] = {f.name: f for f in fields(JobConfig)}
+FIELD_NAMES = set(FIELDS)
+_TYPES = typing.get_type_hints(JobConfig)
+
+
+def value_type(name: str) -> type:
+    """The field's type without `| None`: int, float, bool, str or tuple."""
+    t = _TYPES[name]
+    if isinstance(t, types.UnionType):
+        t = next(a for a in typing.get_args(t) if a is not type(None))
+    return typing.get_origin(t) or t
+
+
+def flag_of(name: str) -> str | None:
+    """The field's CLI flag (`--batch-size`), or None: job-file only or positional."""
+    meta = FIELDS[name].metadata
+    if meta["job_only"] or meta["positional"]:
+        return None
+    negate = "no-" if FIELDS[name].default is True else ""
+    return meta["flag"] or f"--{negate}{name.replace('_', '-')}"
+
+
+def help_of(name: str) -> str:
+    """The field's help, with its default where it has one worth saying."""
+    f = FIELDS[name]
+    default = f.default
+    if default is True:
+        return f"{f.metadata['help']} (default true)"
+    if default is None or default is False or default in ("", ()):
+        return f.metadata["help"]
+    return f"{f.metadata['help']} (default {default:g})" if isinstance(default, float) \
+        else f"{f.metadata['help']} (default {default})"
+
+
+def job_reference() -> str:
+    """jobs/REFERENCE.md: every job-file key, generated from the fields."""
+    lines = ["# Job file keys", "",
+             "Generated from `pipeline/config.py` (`python -m pipeline.config > jobs/REFERENCE.md`); do not edit.",
+             "A job file (`wintok tokenize --job FILE`) is a YAML mapping of these keys (`-` or `_`); flags given",
+             "on the command line override it.", "",
+             "| key | type | flag | meaning |", "|---|---|---|---|"]
+    for name, f in FIELDS.items():
+        t = "list of str" if value_type(name) is tuple else value_type(name).__name__
+        t += " or null" if isinstance(_TYPES[name], types.UnionType) else ""
+        flag = flag_of(name)
+        where = f"`{flag}`" if flag else ("INPUT..." if f.metadata["positional"] else "job file only")
+        text = help_of(name) + (f"; one of {', '.join(f.metadata['choices'])}" if f.metadata["choices"] else "")
+        lines.append(f"| `{name}` | {t} | {where} | {text.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
 
 
 def load_job_file(path: str) -> dict[str, Any]:
@@ -132,3 +226,7 @@ def resolve(job_file: str | None, overrides: dict[str, Any]) -> JobConfig:
     if not cfg.output:
         raise JobConfigError("no output: give OUTPUT (a local folder or an s3:// URL)")
     return cfg
+
+
+if __name__ == "__main__":
+    print(job_reference(), end="")

@@ -69,7 +69,7 @@ def write_corpus(directory: str, shards: int = 4) -> list[str]:
 
 
 def run_demo(directory: str, workers: int | None = None) -> int:
-    from .config import JobConfig
+    from .config import TINY_PRESET, JobConfig
     from .driver import run_job
     from .status import render, status
 
@@ -77,9 +77,9 @@ def run_demo(directory: str, workers: int | None = None) -> int:
     output = os.path.abspath(os.path.join(directory, "output"))
     paths = write_corpus(corpus)
     print(f"corpus: {len(paths)} shards of scikit-image sample photos in {corpus}")
-    print("model: wintok-tiny preset with RANDOM weights (no trained checkpoint ships with this package)")
+    print(f"model: {TINY_PRESET} preset with RANDOM weights (no trained checkpoint ships with this package)")
     cfg = JobConfig(inputs=(f"{corpus}/{{00000..{len(paths) - 1:05d}}}.tar",), output=output,
-                    model="wintok-tiny", workers=workers, batch_size=8, max_retries=1, retry_backoff=0.5)
+                    model=TINY_PRESET, workers=workers, batch_size=8, max_retries=1, retry_backoff=0.5)
     summary = run_job(cfg)
     print(summary.render())
     print()

@@ -41,11 +41,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .config import MAX_IMAGE_PIXELS, RESIZE_MODES
+
 if TYPE_CHECKING:
     import torch
 
 STAGE = "decode"
-RESIZE_MODES = ("center-crop", "squash")
 SUPPORTED_FORMATS: tuple[str, ...] = (
     "JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "JPEG2000", "PPM", "ICO",
 )  # fmt: skip
@@ -68,8 +69,8 @@ class PreprocessConfig:
     """How image bytes become model pixels; part of the run fingerprint."""
 
     image_size: int = 256
-    resize: str = "center-crop"  # or "squash" (straight to image_size x image_size, like recon.py)
-    max_image_pixels: int = 89_478_485  # decompression-bomb limit, checked from the header
+    resize: str = RESIZE_MODES[0]  # center-crop, or "squash" (straight to image_size x image_size, like recon.py)
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # decompression-bomb limit, checked from the header
     use_draft: bool = True  # JPEG draft() (DCT downscale) before resizing
 
     def __post_init__(self) -> None:

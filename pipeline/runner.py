@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from schemas import TokenLayout
 
+from .config import TINY_PRESET
+
 log = logging.getLogger("wintok")
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -27,7 +29,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 class ModelSpec:
     """What to run. Config only: it travels to Ray workers, weights load there."""
 
-    model: str | None = "wintok-tiny"       # preset, our dir, official .pth; None = teacher only
+    model: str | None = TINY_PRESET         # preset, our dir, official .pth; None = teacher only
     encoder_config: str | None = None
     allow_pickle: bool = False
     dtype: str = "auto"                     # auto = bf16 on CUDA, fp32 on CPU

@@ -21,6 +21,7 @@ import numpy as np
 
 from schemas import fingerprint_digest, tokens_schema
 
+from .config import MAX_IMAGE_PIXELS, RESIZE_MODES
 from .decoders import Chunk, ThreadDecoder, make_decoder
 from .faults import failpoint
 from .io import Storage, StorageOptions, input_info, open_input
@@ -41,8 +42,8 @@ class WorkerConfig:
 
     output: str
     model: ModelSpec = field(default_factory=ModelSpec)
-    resize: str = "center-crop"
-    max_image_pixels: int = 89_478_485
+    resize: str = RESIZE_MODES[0]
+    max_image_pixels: int = MAX_IMAGE_PIXELS
     batch_size: int = 64
     decode_threads: int = 4
     decode_mode: str = "threads"   # or "processes" (resolved by the driver from JobConfig.decode_mode)
