@@ -8,11 +8,11 @@ upload left open, no stray object; a failed shard has its reason in the summary 
 `_failed/<stem>.json` and nothing of it is committed.
 
 Who recovers what (found with these tests, asserted through the manifest's `attempts`):
-503 SlowDown and 500 on a request are retried by botocore itself (5 attempts, legacy
-mode); a body cut by a reset or a short read (Content-Length not met) by s3fs (the ranged
-GET is redone); a body that is short but self-consistent by pipeline.io (the stream is
-reopened at its offset: EOF before the object's size is never an end); what outlives all
-of that fails the attempt as `io` and the driver retries the shard.
+503 SlowDown and 500 on a request are retried by botocore itself (3 attempts, io.BOTO_ATTEMPTS);
+a body cut by a reset, a short read (Content-Length not met) or a body that is short but
+self-consistent by pipeline.io (s3fs makes 1 try; the stream is reopened at its offset on
+the same ETag: EOF before the object's size is never an end); what outlives all of that
+fails the attempt as `io` and the driver retries the shard.
 
 Run with WINTOK_FAULTS_REPORT=path.md to get the table of faults and outcomes.
 """
