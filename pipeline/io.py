@@ -6,16 +6,24 @@
   finished local file never leaves a visible partial object; local and other filesystems
   write to a temporary name and rename.
 - Transient storage errors (503 SlowDown, 5xx, throttling, connection resets, truncated
-  or checksum-failing bodies, timeouts) are retried in layers, each bounded: botocore
-  retries a request (5xx, throttling, connection errors; 5 attempts in its default legacy
-  mode), s3fs redoes a request whose body broke (here 2 tries, not its default 5, since
-  SlowDown was already retried by botocore and this module covers the rest), and this
-  module retries the whole operation under `RetryPolicy` (jittered exponential backoff):
-  a failed upload is redone whole; an input stream is reopened at its offset, pinned to
-  the ETag it started with; a stream that ends before the object's size raises, so a short
-  read is never an EOF. What still fails after the last try is raised as an `OSError`
-  (`StorageIOError`, or the library's own `FileNotFoundError`/`PermissionError`, which are
-  never retried) for the worker to classify; the driver's shard retries come on top.
+  or checksum-failing bodies, timeouts) are retried in two layers, each bounded, so one
+  storage operation makes at most BOTO_ATTEMPTS x (RetryPolicy.retries + 1) = 3 x 4 = 12
+  requests (a stream: 12 in a row at one read position; an upload: 4 whole uploads, each
+  request in it up to 3 attempts):
+  1. botocore, per HTTP request (5xx, throttling, connection errors): `total_max_attempts`
+     BOTO_ATTEMPTS (3), set here, not its default 5;
+  2. this module, per operation, under `retry.RetryPolicy` (default 3 retries, jittered
+     exponential backoff): a failed upload is redone whole; an input stream is reopened at
+     its offset, pinned to the ETag it started with; a stream that ends before the object's
+     size raises, so a short read is never an EOF.
+  s3fs's own retry loop, which would multiply both (its default: 5 tries per request,
+  SlowDown included), is set to S3FS_TRIES = 1 try: what it would redo (a broken body,
+  SlowDown) is covered by the two layers above. WINTOK_S3_OPTIONS may set s3fs's
+  ``"retries"`` and botocore's ``config_kwargs.retries`` (which then replaces ours, e.g.
+  for AWS_MAX_ATTEMPTS to apply); WINTOK_IO_* set the `RetryPolicy`. What still fails after
+  the last try is raised as an `OSError` (`StorageIOError`, or the library's own
+  `FileNotFoundError`/`PermissionError`, which are never retried) for the worker to
+  classify; the driver's shard retries (`--max-retries`) come on top.
 """
 
 from __future__ import annotations
@@ -27,7 +35,6 @@ import json
 import logging
 import os
 import posixpath
-import random
 import shutil
 import time
 import uuid
@@ -39,55 +46,21 @@ import fsspec
 from braceexpand import braceexpand
 from fsspec.core import url_to_fs
 
+from .retry import RetryPolicy, ShortReadError, StorageIOError, is_transient, with_retries
 from .urls import has_glob, redact_text, redact_url, s3_credentials, split_url, with_userinfo
 
 OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 SECRET_KEYS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
                "aws_session_token", "session_token", "client_secret", "sas_token", "account_key"}
 LIST_SUFFIXES = (".txt", ".lst", ".list")
-S3FS_TRIES = 2  # s3fs's own tries per request, unless WINTOK_S3_OPTIONS sets "retries"
+S3FS_TRIES = 1     # s3fs's own tries per request, unless WINTOK_S3_OPTIONS sets "retries"
+BOTO_ATTEMPTS = 3  # botocore's attempts per request, unless WINTOK_S3_OPTIONS sets config_kwargs.retries
 log = logging.getLogger("wintok")
 T = TypeVar("T")
 
 
 class InputError(ValueError):
     """Inputs cannot be found or expanded; the message says which and what to do."""
-
-
-class StorageIOError(OSError):
-    """A storage operation failed for good (a transient error that outlived its retries)."""
-
-
-class ShortReadError(StorageIOError):
-    """An input stream ended before the object's size: never taken as the end of the data."""
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Retries of transient storage errors done in this module (per operation / read position).
-
-    `retries` extra tries after the first; the n-th waits `backoff * 2**(n-1)` seconds, capped
-    at `backoff_max`, times a jitter factor in [0.5, 1.5). botocore and s3fs retry some errors
-    by themselves first; this is the outer, bounded layer that covers what they give up on.
-    """
-
-    retries: int = 3
-    backoff: float = 0.5
-    backoff_max: float = 10.0
-
-    def delay(self, retry: int) -> float:
-        return min(self.backoff * 2 ** (retry - 1), self.backoff_max) * (0.5 + random.random())
-
-    @classmethod
-    def from_env(cls) -> RetryPolicy:
-        """WINTOK_IO_RETRIES / WINTOK_IO_BACKOFF / WINTOK_IO_BACKOFF_MAX override the defaults."""
-        d = cls()
-        try:
-            return cls(retries=max(0, int(os.environ.get("WINTOK_IO_RETRIES", d.retries))),
-                       backoff=max(0.0, float(os.environ.get("WINTOK_IO_BACKOFF", d.backoff))),
-                       backoff_max=max(0.0, float(os.environ.get("WINTOK_IO_BACKOFF_MAX", d.backoff_max))))
-        except ValueError as e:
-            raise InputError(f"bad WINTOK_IO_* retry setting: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -147,8 +120,19 @@ def s3_options(endpoint_url: str | None = None, profile: str | None = None, anon
         upload_chunksize = int(chunk) if chunk else None
     except ValueError:
         raise InputError(f"WINTOK_S3_UPLOAD_CHUNKSIZE must be a number of bytes, not {chunk!r}") from None
-    return StorageOptions({"s3": o, "s3a": o} if o else {}, retry=RetryPolicy.from_env(),
+    return StorageOptions({"s3": o, "s3a": o} if o else {}, retry=retry_policy_from_env(),
                           upload_chunksize=upload_chunksize)
+
+
+def retry_policy_from_env() -> RetryPolicy:
+    """WINTOK_IO_RETRIES / WINTOK_IO_BACKOFF / WINTOK_IO_BACKOFF_MAX override the defaults."""
+    d = RetryPolicy()
+    try:
+        return RetryPolicy(retries=max(0, int(os.environ.get("WINTOK_IO_RETRIES", d.retries))),
+                           backoff=max(0.0, float(os.environ.get("WINTOK_IO_BACKOFF", d.backoff))),
+                           backoff_max=max(0.0, float(os.environ.get("WINTOK_IO_BACKOFF_MAX", d.backoff_max))))
+    except ValueError as e:
+        raise InputError(f"bad WINTOK_IO_* retry setting: {e}") from None
 
 
 def protocol_of(url: str) -> str:
@@ -159,130 +143,17 @@ def get_fs(url: str, storage: StorageOptions | None = None) -> tuple[fsspec.Abst
     """The filesystem and path of `url`; credentials in an s3:// URL's userinfo become its key/secret."""
     url, creds = s3_credentials(url)
     opts = {**(storage or StorageOptions()).for_url(url), **creds}
-    # s3fs takes its tries per request (its default: 5) only as an attribute
-    s3fs_retries = opts.pop("retries", S3FS_TRIES) if protocol_of(url) in ("s3", "s3a") else None
+    s3fs_retries = None
+    if protocol_of(url) in ("s3", "s3a"):
+        # s3fs takes its tries per request (its default: 5) only as an attribute
+        s3fs_retries = opts.pop("retries", S3FS_TRIES)
+        config = dict(opts.get("config_kwargs") or {})
+        config.setdefault("retries", {"total_max_attempts": BOTO_ATTEMPTS})
+        opts["config_kwargs"] = config
     fs, path = url_to_fs(url, skip_instance_cache=True, **opts)
     if s3fs_retries is not None:
         fs.retries = max(1, int(s3fs_retries))
     return fs, path
-
-
-# --------------------------------------------------------------------------- transient errors
-TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
-                   "TooManyRequestsException", "ProvisionedThroughputExceededException",
-                   "BandwidthLimitExceeded", "RequestThrottled", "RequestTimeout", "InternalError",
-                   "ServiceUnavailable", "OperationAborted",
-                   # an upload body damaged or cut in transit: sending it again is the fix
-                   "XAmzContentSHA256Mismatch", "BadDigest", "IncompleteBody"}
-TRANSIENT_STATUS = {429, 500, 502, 503, 504}
-PERSISTENT_NAMES = {"SSLError", "SSLCertVerificationError", "ClientSSLError", "ClientConnectorSSLError",
-                    "ClientConnectorCertificateError", "FileExpired"}
-TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.EPIPE, errno.ETIMEDOUT,
-                    errno.EAGAIN, errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO)}
-
-
-def _transient_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [TimeoutError, ConnectionError, ShortReadError]
-    try:
-        import botocore.exceptions as bx
-
-        types += [bx.HTTPClientError, bx.ConnectionError, bx.IncompleteReadError]
-        # a body that does not match its checksum (e.g. cut short with a consistent length)
-        types += [getattr(bx, n) for n in ("FlexibleChecksumError", "ChecksumError") if hasattr(bx, n)]
-    except ImportError:  # pragma: no cover - only with s3fs
-        pass
-    try:
-        import aiohttp
-
-        types += [aiohttp.ClientPayloadError, aiohttp.ClientConnectionError]
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from http.client import IncompleteRead
-
-        from fsspec.exceptions import FSTimeoutError
-
-        types += [IncompleteRead, FSTimeoutError]
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from urllib3.exceptions import ProtocolError
-
-        types.append(ProtocolError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(types)
-
-
-_TRANSIENT: tuple[type[BaseException], ...] | None = None
-
-
-def _chain(exc: BaseException) -> Iterable[BaseException]:
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = e.__cause__
-
-
-def _service_error(exc: BaseException) -> tuple[int | None, str | None]:
-    """(HTTP status, error code) of a botocore ClientError in exc's cause chain."""
-    for e in _chain(exc):
-        resp = getattr(e, "response", None)
-        if isinstance(resp, dict) and "Error" in resp:
-            status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            return (int(status) if status else None), resp["Error"].get("Code")
-    return None, None
-
-
-def is_transient(exc: BaseException, *, upload: bool = False) -> bool:
-    """True for errors worth retrying: throttling, 5xx, resets, timeouts, short reads.
-
-    Not found, access denied, bad requests, TLS errors and an input that changed while it
-    was read are persistent. With `upload=True` a vanished multipart upload (NoSuchUpload,
-    e.g. after a lost CompleteMultipartUpload response) is retried too: the whole upload
-    is redone under the same key.
-    """
-    global _TRANSIENT
-    if _TRANSIENT is None:
-        _TRANSIENT = _transient_types()
-    status, code = _service_error(exc)
-    if code is not None or status is not None:
-        if upload and code == "NoSuchUpload":
-            return True
-        return code in TRANSIENT_CODES or status in TRANSIENT_STATUS
-    for e in _chain(exc):
-        if type(e).__name__ in PERSISTENT_NAMES:
-            return False
-        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-            return False
-        if isinstance(e, _TRANSIENT):
-            return True
-        if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
-            return True
-    return False
-
-
-def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy, *, upload: bool = False) -> T:
-    """fn() with transient errors retried under `policy`; the last error is raised as an OSError."""
-    retry = 0
-    while True:
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001 - classified right here
-            if not is_transient(e, upload=upload):
-                raise
-            if retry >= policy.retries:
-                err = StorageIOError(getattr(e, "errno", None) or errno.EIO,
-                                     f"{what} failed after {retry + 1} tries: {type(e).__name__}: "
-                                     f"{redact_text(str(e))}")
-                raise err from e
-            retry += 1
-            wait = policy.delay(retry)
-            log.warning("transient storage error on %s (try %d of %d), retrying in %.2fs: %s: %s",
-                        what, retry, policy.retries + 1, wait, type(e).__name__, redact_text(str(e))[:300])
-            time.sleep(wait)
 
 
 def _unstrip(fs: fsspec.AbstractFileSystem, url: str, path: str) -> str:
@@ -405,7 +276,7 @@ class ResilientInput(io.RawIOBase):
                 retry += 1
                 wait = self.policy.delay(retry)
                 log.warning("transient error reading %s at byte %d (try %d of %d), reopening in %.2fs: %s: %s",
-                            self.url, self.pos, retry, self.policy.retries + 1, wait, type(e).__name__,
+                            self.url, self.pos, retry, self.policy.tries, wait, type(e).__name__,
                             redact_text(str(e))[:300])
                 time.sleep(wait)
 

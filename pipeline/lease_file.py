@@ -15,8 +15,9 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from .io import OBJECT_STORES, Storage, _service_error
+from .io import OBJECT_STORES, Storage
 from .layout import LEASE_FILE
+from .retry import service_error
 
 log = logging.getLogger("wintok")
 
@@ -34,7 +35,7 @@ class LeaseLost(LeaseError):
 
 
 def _precondition_failed(e: BaseException) -> bool:
-    status, code = _service_error(e)
+    status, code = service_error(e)
     return code == "PreconditionFailed" or status == 412 or "PreconditionFailed" in str(e) or "412" in str(e)
 
 

@@ -4,20 +4,34 @@ A model given as a URL (s3://bucket/models/wintok-so400m/) is copied, file by fi
 `$WINTOK_CACHE` (default ~/.cache/wintok) under a name derived from the URL, through a
 temporary folder renamed into place, so concurrent workers on one node never see half a copy.
 Local paths and preset names pass through unchanged.
+
+The URL may carry credentials (s3://KEY:SECRET@bucket/model, https://host/m?token=...): the
+cached copy is named after the URL's last path segment (or its bucket), never its userinfo
+or query, since that name is the model's `name` in the run fingerprint (`_run.json`), and
+messages show the URL only through `redact_url`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import shutil
 import uuid
 
 from .io import StorageOptions, get_fs
+from .retry import RetryPolicy, with_retries
+from .urls import redact_url, split_url
 
 
 def cache_root() -> str:
     return os.environ.get("WINTOK_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "wintok"))
+
+
+def cache_name(url: str) -> str:
+    """The name of the cached copy of `url`: its last path segment, else its host; no secrets."""
+    parts = split_url(url)
+    return posixpath.basename(parts.path.rstrip("/")) or parts.host or "model"
 
 
 def localize(spec: str | None, storage: StorageOptions | None = None) -> str | None:
@@ -25,24 +39,26 @@ def localize(spec: str | None, storage: StorageOptions | None = None) -> str | N
     if spec is None or "://" not in spec or spec.startswith("file://"):
         return spec[len("file://"):] if spec and spec.startswith("file://") else spec
     url = spec.rstrip("/")
-    name = url.rsplit("/", 1)[-1] or "model"
-    dest = os.path.join(cache_root(), "models", hashlib.sha256(url.encode()).hexdigest()[:16], name)
+    shown = redact_url(url)
+    dest = os.path.join(cache_root(), "models", hashlib.sha256(url.encode()).hexdigest()[:16], cache_name(url))
     if os.path.exists(dest):
         return dest
     fs, path = get_fs(url, storage)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"model {spec} not found")
+    policy = storage.retry if storage is not None else RetryPolicy()
+    if not with_retries(lambda: fs.exists(path), f"checking {shown}", policy):
+        raise FileNotFoundError(f"model {shown} not found")
     tmp = f"{dest}.part-{uuid.uuid4().hex[:8]}"
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     try:
-        if fs.isdir(path):
+        if with_retries(lambda: fs.isdir(path), f"checking {shown}", policy):
             os.makedirs(tmp)
-            for remote in fs.find(path):
+            for remote in with_retries(lambda: fs.find(path), f"listing {shown}", policy):
                 rel = remote[len(path):].lstrip("/")
-                os.makedirs(os.path.dirname(os.path.join(tmp, rel)) or tmp, exist_ok=True)
-                fs.get_file(remote, os.path.join(tmp, rel))
+                local = os.path.join(tmp, rel)
+                os.makedirs(os.path.dirname(local) or tmp, exist_ok=True)
+                with_retries(lambda r=remote, lo=local: fs.get_file(r, lo), f"downloading {shown}/{rel}", policy)
         else:
-            fs.get_file(path, tmp)
+            with_retries(lambda: fs.get_file(path, tmp), f"downloading {shown}", policy)
         try:
             os.rename(tmp, dest)
         except OSError:

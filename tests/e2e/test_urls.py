@@ -15,8 +15,9 @@ import uuid
 import pytest
 
 from pipeline.config import JobConfig
-from pipeline.driver import committed_stems, run_job
+from pipeline.driver import run_job
 from pipeline.io import Storage
+from pipeline.plan import committed_stems
 from pipeline.status import load_manifests
 from pipeline.verify import verify
 from tests import corpus

@@ -137,6 +137,19 @@ def test_upload_retries_and_gives_up_as_oserror(s3_proxy, s3_direct, opts, monke
     assert rule.hits == 3 * pio.S3FS_TRIES and not s3_direct.exists("flt-io/out/b.bin")
 
 
+
+def test_a_persistent_slowdown_makes_a_bounded_number_of_requests(s3_proxy, s3_direct, opts):
+    """With the default layers, a PUT that is throttled for good is sent BOTO_ATTEMPTS x
+    S3FS_TRIES x (io retries + 1) times, here 3 x 1 x 3 (WINTOK_IO_RETRIES=2), then raised."""
+    if not s3_direct.exists("flt-io"):
+        s3_direct.mkdir("flt-io")
+    st = pio.Storage("s3://flt-io/out", opts)
+    rule = s3_proxy.add("slowdown", method="PUT", path=r"/out/c\.bin$", times=None)
+    with pytest.raises(pio.StorageIOError, match="failed after 3 tries"):
+        st.put_bytes(b"abc", "c.bin")
+    assert rule.hits == pio.BOTO_ATTEMPTS * pio.S3FS_TRIES * opts.retry.tries == 9
+    assert not s3_direct.exists("flt-io/out/c.bin")
+
 def test_proxy_stop_does_not_wait_for_handlers(s3_endpoint):
     """A handler in the middle of a 600 s delay neither blocks stop() nor outlives it long; the
     listener is closed. Every wait here is bounded, so a regression fails instead of hanging."""

@@ -8,11 +8,11 @@ upload left open, no stray object; a failed shard has its reason in the summary 
 `_failed/<stem>.json` and nothing of it is committed.
 
 Who recovers what (found with these tests, asserted through the manifest's `attempts`):
-503 SlowDown and 500 on a request are retried by botocore itself (5 attempts, legacy
-mode); a body cut by a reset or a short read (Content-Length not met) by s3fs (the ranged
-GET is redone); a body that is short but self-consistent by pipeline.io (the stream is
-reopened at its offset: EOF before the object's size is never an end); what outlives all
-of that fails the attempt as `io` and the driver retries the shard.
+503 SlowDown and 500 on a request are retried by botocore itself (3 attempts, io.BOTO_ATTEMPTS);
+a body cut by a reset, a short read (Content-Length not met) or a body that is short but
+self-consistent by pipeline.io (s3fs makes 1 try; the stream is reopened at its offset on
+the same ETag: EOF before the object's size is never an end); what outlives all of that
+fails the attempt as `io` and the driver retries the shard.
 
 Run with WINTOK_FAULTS_REPORT=path.md to get the table of faults and outcomes.
 """
@@ -254,11 +254,11 @@ def test_connection_reset_mid_body_is_retried(s3_direct, s3_proxy, ray_session, 
     summary = _run("flt-reset", 4, s3_proxy, tiny_model_dir)
     checked = verify_output(s3_direct, "flt-reset", plan, summary)
     assert summary.ok and rule.hits == 1
-    # s3fs redid the ranged GET inside the same read: same attempt, one more GET
+    # pipeline.io reopened the stream at its offset (s3fs makes 1 try): same attempt, one more GET
     assert checked["manifests"]["00002"].attempts == 1
     assert len(s3_proxy.requests("GET", _shard_get("00002"))) == 2
-    record("connection reset mid-body (RST)", "reset after 40% of the body x1", [rule], "ok (s3fs retry)", "1",
-           checked, s3_proxy)
+    record("connection reset mid-body (RST)", "reset after 40% of the body x1", [rule], "ok (io reopen at offset)",
+           "1", checked, s3_proxy)
 
 
 def test_slow_responses(s3_direct, s3_proxy, ray_session, tiny_model_dir, tmp_path):
@@ -280,7 +280,7 @@ def test_truncated_body_is_never_complete(s3_direct, s3_proxy, ray_session, tiny
     summary = _run("flt-trunc", 4, s3_proxy, tiny_model_dir)
     checked = verify_output(s3_direct, "flt-trunc", plan, summary)
     assert summary.ok and rule.hits == 1 and checked["manifests"]["00003"].attempts == 1
-    record("short body (Content-Length not met)", "truncate at 70% x1", [rule], "ok (s3fs retry)", "1", checked,
+    record("short body (Content-Length not met)", "truncate at 70% x1", [rule], "ok (io reopen at offset)", "1", checked,
            s3_proxy)
 
 

@@ -193,7 +193,7 @@ def test_progress_without_a_terminal_is_plain_lines_every_interval(tmp_path):
     import io
     import time
 
-    from pipeline.driver import _Progress
+    from pipeline.summary import Progress as _Progress
 
     log = io.StringIO()  # not a terminal: no bars
     p = _Progress(3, enabled=True, interval=0.2, stream=log)
@@ -218,7 +218,7 @@ def test_progress_without_a_terminal_is_plain_lines_every_interval(tmp_path):
 def test_progress_on_a_terminal_uses_bars(tmp_path):
     import pty
 
-    from pipeline.driver import _Progress
+    from pipeline.summary import Progress as _Progress
 
     master, slave = pty.openpty()
     with os.fdopen(slave, "w") as tty:

@@ -133,7 +133,8 @@ _RAY_OOM_TEXT = (  # the shape of Ray 2.60's memory-monitor message, shortened
 def test_remote_failure_causes_are_one_useful_line():
     import ray.exceptions as rex
 
-    from pipeline.driver import _actor_failure, _cause_line, _start_death_cause
+    from pipeline.pool import _cause_line, _start_death_cause
+    from pipeline.pool import actor_failure as _actor_failure
     from pipeline.protocol import Reason, ShardTask
 
     line = _cause_line(_RAY_OOM_TEXT)

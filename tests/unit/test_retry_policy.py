@@ -75,3 +75,55 @@ def test_permanent_errors_are_not_retried(monkeypatch):
     with pytest.raises(FileNotFoundError):
         pio.with_retries(lambda: (_ for _ in ()).throw(FileNotFoundError("gone")), "reading x", POLICY)
     assert slept == []
+
+
+def test_storage_layers_are_bounded_by_default():
+    """botocore's attempts x s3fs's tries x this module's tries: 3 x 1 x 4 = 12 requests at most
+    per operation (was 5 x 2 x 4 = 40); a user's botocore retry config replaces ours."""
+    opts = pio.StorageOptions()
+    fs, _ = pio.get_fs("s3://bkt/k", opts)
+    assert fs.retries == pio.S3FS_TRIES == 1
+    assert fs.config_kwargs["retries"] == {"total_max_attempts": pio.BOTO_ATTEMPTS} and pio.BOTO_ATTEMPTS == 3
+    assert opts.retry.tries == 4 and pio.BOTO_ATTEMPTS * pio.S3FS_TRIES * opts.retry.tries == 12
+    mine = pio.StorageOptions({"s3": {"config_kwargs": {"retries": {"mode": "adaptive"}}, "retries": 2}})
+    fs, _ = pio.get_fs("s3://bkt/k", mine)
+    assert fs.config_kwargs == {"retries": {"mode": "adaptive"}} and fs.retries == 2
+    assert mine.options["s3"]["config_kwargs"] == {"retries": {"mode": "adaptive"}}  # not mutated
+
+
+def _scheduler(tmp_path, **kw):
+    from pipeline.config import JobConfig
+    from pipeline.driver import _Scheduler
+    from pipeline.summary import Progress, Summary
+
+    cfg = JobConfig(inputs=(str(tmp_path / "a.tar"),), output=str(tmp_path / "out"), model="wintok-tiny",
+                    progress=False, **kw)
+    s = _Scheduler(cfg, pio.Storage(cfg.output), pio.StorageOptions(), {}, [(cfg.inputs[0], "a")], Summary())
+    s.bars = Progress(1, enabled=False)
+    return s
+
+
+def test_shard_retries_wait_the_one_backoff_then_fail_for_good(tmp_path, monkeypatch):
+    """The driver's shard retries use `RetryPolicy.delay` (built from --max-retries /
+    --retry-backoff / retry_backoff_max), the same formula as the storage layer."""
+    from pipeline.layout import failed_rel
+    from pipeline.protocol import Reason, ShardResult
+
+    s = _scheduler(tmp_path, max_retries=2, retry_backoff=3.0, retry_backoff_max=5.0)
+    assert s.retry == pio.RetryPolicy(retries=2, backoff=3.0, backoff_max=5.0)
+    monkeypatch.setattr("pipeline.driver.time.monotonic", lambda: 1000.0)
+    task = s.todo.popleft()
+    for attempt in (1, 2):
+        random.seed(attempt)
+        expected = s.retry.delay(attempt)
+        random.seed(attempt)
+        s._handle(task, ShardResult.failed("a", Reason.IO, "reset"))
+        (when, task), = s.delayed
+        s.delayed.clear()
+        assert task.attempt == attempt + 1 and when == pytest.approx(1000.0 + expected)
+        assert 0.5 * min(3.0 * 2 ** (attempt - 1), 5.0) <= expected < 1.5 * min(3.0 * 2 ** (attempt - 1), 5.0)
+    s._handle(task, ShardResult.failed("a", Reason.IO, "reset"))  # attempt 3 = max_retries + 1: recorded
+    assert not s.delayed and s.summary.failed == 1 and s.storage.exists(failed_rel("a"))
+    s2 = _scheduler(tmp_path, max_retries=2)
+    s2._handle(s2.todo.popleft(), ShardResult.failed("a", Reason.NOT_FOUND, "gone"))  # permanent: no backoff
+    assert not s2.delayed and s2.summary.failed == 1

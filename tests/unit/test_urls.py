@@ -8,9 +8,9 @@ import random
 import pytest
 
 from pipeline.config import JobConfig
-from pipeline.driver import committed_stems, failed_stems
 from pipeline.io import Storage, expand_inputs, get_fs
 from pipeline.layout import failed_rel, manifest_rel
+from pipeline.plan import committed_stems, failed_stems
 from pipeline.urls import normalize_stem, redact_text, redact_url, shard_stems
 from pipeline.worker import worker_env
 

@@ -1,0 +1,149 @@
+"""What a run is and what is left of it: fingerprint, plan, `_run.json` check, pending shards.
+
+Everything the driver decides before any worker starts: the run's fingerprint (what determines
+the output bytes), the plan (input URL -> output stem, one per shard), whether OUTPUT holds
+this run or another (`_run.json`), and which planned shards are not committed yet.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from typing import Any
+
+from schemas import SCHEMA_VERSION, fingerprint_digest
+
+from .config import JobConfig
+from .io import Storage, StorageOptions, expand_inputs, s3_options
+from .layout import FAILED_DIR, MANIFEST_DIR, RUN_FILE
+from .runner import ModelSpec
+from .urls import StemError, normalize_stem, redact_text, redact_url, shard_stems
+
+
+class RunRefused(RuntimeError):
+    """The run must not start (fingerprint mismatch, bad model...). One line for the user."""
+
+
+def storage_options(cfg: JobConfig) -> StorageOptions:
+    return s3_options(cfg.s3_endpoint_url, cfg.s3_profile, cfg.s3_anon, cfg.s3_key, cfg.s3_secret)
+
+
+def model_spec(cfg: JobConfig) -> ModelSpec:
+    return ModelSpec(model=cfg.model, encoder_config=cfg.encoder_config, allow_pickle=cfg.allow_pickle,
+                     dtype=cfg.dtype, device=cfg.device, semantic_tokens=cfg.semantic_tokens,
+                     teacher=cfg.teacher, teacher_dtype=cfg.teacher_dtype,
+                     teacher_patch_tokens=cfg.teacher_patch_tokens, compile=cfg.compile)
+
+
+# --------------------------------------------------------------------------- fingerprint
+def run_fingerprint(cfg: JobConfig) -> dict[str, Any]:
+    """What determines the output bytes: model + teacher identity, preprocessing, precision, layout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from wintok_model.checkpoint import CheckpointError, check_model, weights_sha256
+
+    from .models import localize
+
+    try:
+        model = localize(cfg.model, storage_options(cfg))
+        teacher = localize(cfg.teacher, storage_options(cfg))
+    except FileNotFoundError as e:
+        raise RunRefused(redact_text(str(e))) from None
+    fp: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
+    try:
+        fp["package_version"] = version("wintok-pipeline")
+    except PackageNotFoundError:
+        fp["package_version"] = "dev"
+    if model:
+        try:
+            config = check_model(model, cfg.encoder_config, cfg.allow_pickle)
+        except CheckpointError as e:
+            raise RunRefused(str(e)) from None
+        fp["model"] = {"config": config.to_dict(), "sha256": weights_sha256(model),
+                       "name": os.path.basename(model.rstrip("/"))}
+    if teacher:
+        fp["teacher"] = _teacher_identity(teacher)
+        fp["teacher_dtype"] = cfg.teacher_dtype
+        fp["teacher_patch_tokens"] = cfg.teacher_patch_tokens
+    fp["preprocess"] = {"resize": cfg.resize, "max_image_pixels": cfg.max_image_pixels}
+    fp["dtype"] = cfg.dtype
+    fp["semantic_tokens"] = cfg.semantic_tokens
+    return fp
+
+
+def _teacher_identity(spec: str) -> dict[str, Any]:
+    from wintok_model import teachers
+
+    try:
+        return teachers.teacher_identity(spec)
+    except teachers.TeacherError as e:
+        raise RunRefused(str(e)) from None
+
+
+# --------------------------------------------------------------------------- plan and resume
+def plan(cfg: JobConfig, opts: StorageOptions) -> list[tuple[str, str]]:
+    """(input URL, output stem) of every shard of the job, in input order; two inputs may not
+    name the same output."""
+    urls = expand_inputs(cfg.inputs, opts)
+    try:
+        names = shard_stems(urls)
+    except StemError as e:
+        raise RunRefused(str(e)) from None
+    stems: dict[str, str] = {}
+    for url, stem in zip(urls, names, strict=True):
+        if stem in stems:
+            raise RunRefused(f"inputs {redact_url(stems[stem])} and {redact_url(url)} would write the same "
+                             f"output {stem}")
+        stems[stem] = url
+    return [(url, stem) for stem, url in stems.items()]
+
+
+def check_run_file(storage: Storage, fp: dict[str, Any], cfg: JobConfig) -> None:
+    """Refuse to mix outputs of different models/configs in one OUTPUT, unless overwriting."""
+    digest = fingerprint_digest(fp)
+    exists = storage.exists(RUN_FILE)
+    if exists and not cfg.overwrite:
+        try:
+            old = json.loads(storage.read_text(RUN_FILE))
+        except (ValueError, OSError):
+            old = {}
+        if old.get("fingerprint_sha256") != digest:
+            diff = sorted(k for k in set(fp) | set(old.get("fingerprint", {}))
+                          if fp.get(k) != old.get("fingerprint", {}).get(k))
+            raise RunRefused(
+                f"{storage.url} holds output of a different run (differs in: {', '.join(diff) or 'unknown'}); "
+                "use another OUTPUT, or --overwrite to redo every shard with this configuration"
+            )
+        return  # same run: resume without rewriting anything
+    if cfg.overwrite:
+        for name in storage.list(MANIFEST_DIR):
+            storage.delete(f"{MANIFEST_DIR}/{name}")
+    job = cfg.public_dict()
+    for key in ("model", "teacher"):  # a model URL may carry credentials too
+        if job.get(key):
+            job[key] = redact_url(job[key])
+    run = {"fingerprint_sha256": digest, "fingerprint": fp, "job": job,
+           "storage": storage_options(cfg).redacted(),
+           "started_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+    storage.put_bytes(json.dumps(run, indent=1, sort_keys=True).encode(), RUN_FILE)
+
+
+def committed_stems(storage: Storage) -> set[str]:
+    """Stems of `_manifest/` as listed, through the same normalisation as the plan's stems."""
+    return {normalize_stem(n[: -len(".json")]) for n in storage.list(MANIFEST_DIR) if n.endswith(".json")}
+
+
+def failed_stems(storage: Storage) -> set[str]:
+    return {normalize_stem(n[: -len(".json")]) for n in storage.list(FAILED_DIR) if n.endswith(".json")}
+
+
+def pending(cfg: JobConfig, storage: Storage, shards: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], int]:
+    """(the shards still to run, how many of the plan are committed already); with
+    `retry_failed`, only the shards that have a `_failed/` record."""
+    done = committed_stems(storage)
+    todo = [(u, s) for u, s in shards if s not in done]
+    if cfg.retry_failed:
+        failed = failed_stems(storage)
+        todo = [(u, s) for u, s in todo if s in failed]
+    return todo, sum(1 for _, s in shards if s in done)
