@@ -23,6 +23,7 @@ from typing import Any
 
 from schemas import SCHEMA_VERSION, FailureRecord, Manifest, fingerprint_digest
 
+from .cluster import mark
 from .config import JobConfig
 from .io import Storage, StorageOptions, expand_inputs, s3_options
 from .layout import FAILED_DIR, MANIFEST_DIR, RUN_FILE, failed_rel
@@ -210,10 +211,13 @@ def _pending(cfg: JobConfig, storage: Storage, shards: list[tuple[str, str]]) ->
 def run_job(cfg: JobConfig) -> Summary:
     """Plan, resume, run; the summary says what happened (`.ok` iff every planned shard is committed)."""
     t0 = time.monotonic()
+    mark("run_job")
     opts = storage_options(cfg)
     storage = Storage(cfg.output, opts)
     fp = run_fingerprint(cfg)
+    mark("fingerprint")
     shards = plan(cfg, storage, opts)
+    mark("plan")
     if storage.exists(RUN_FILE) and not cfg.overwrite:
         check_run_file(storage, fp, cfg)  # refuses a different run; writes nothing for the same one
         todo, skipped = _pending(cfg, storage, shards)
@@ -222,10 +226,12 @@ def run_job(cfg: JobConfig) -> Summary:
     with Lease(storage, ttl=cfg.lease_ttl, break_lease=cfg.break_lease) as lease:
         check_run_file(storage, fp, cfg)
         todo, skipped = _pending(cfg, storage, shards)  # listed once, under the lease
+        mark("lease")
         summary = Summary(planned=skipped + len(todo) if cfg.retry_failed else len(shards), skipped=skipped)
         if todo:
             _Scheduler(cfg, storage, opts, fp, todo, summary, lease).run()
     summary.wall_seconds = time.monotonic() - t0
+    mark("lease_released")
     return summary
 
 
@@ -264,6 +270,7 @@ class _Scheduler:
             finally:
                 if started:
                     ray.shutdown()
+                    mark("ray_shutdown")
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         if self.stop_signal:  # asked twice: stop waiting for the in-flight shards
@@ -290,6 +297,7 @@ class _Scheduler:
         )
         self.pool = _ActorPool(actor_cls, wcfg, n_workers, self.cfg.max_retries + 1, self.cfg.retry_backoff,
                                 self.cfg.retry_backoff_max)
+        mark("actors_created")
         inflight = self.inflight
         bars = _Progress(len(self.todo), self.cfg.progress)
         try:
@@ -329,6 +337,7 @@ class _Scheduler:
             self.summary.worker_start_deaths = self.pool.start_deaths
             busy = {s for s, _ in inflight.values()}
             self.pool.shutdown(busy)
+            mark("workers_shut_down")
         if self.stop_signal and (inflight or self.todo or self.delayed):
             raise RunStopped(self.stop_signal, self._stopped_message())
 
@@ -496,6 +505,7 @@ class _ActorPool:
                 raise RunRefused(f"workers could not start: {_cause_line(str(e))}") from None
             self.ready[slot] = True
             self.start_failures.pop(slot, None)
+            mark(f"worker_ready:{slot}")
 
     def _start_died(self, slot: int, e: Exception) -> None:
         import ray
