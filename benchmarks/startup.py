@@ -36,10 +36,12 @@ from benchmarks import log
 from benchmarks.corpus import corpus
 
 REPO = Path(__file__).resolve().parent.parent
+# the `wintok` console script's own entry point (`entry` where the checkout has it), timeline on
 _CHILD = ("import logging, sys\n"
           "logging.getLogger('wintok.timeline').setLevel(logging.DEBUG)\n"
-          "from pipeline.cli import main\n"
-          "sys.exit(main(sys.argv[1:]))\n")
+          "import pipeline.cli as cli\n"
+          "sys.argv = ['wintok', *sys.argv[1:]]\n"
+          "getattr(cli, 'entry', None) and cli.entry() or sys.exit(cli.main())\n")
 _MARK = re.compile(r"timeline (\S+) ([0-9.]+)")
 _WORKER_PROBE = """
 import json, sys, time, tempfile
@@ -171,10 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     codes = [c.resolve() for c in (a.code or [REPO])]
     info = corpus(a.work, a.shards * a.per_shard, a.per_shard, min(400, a.shards * a.per_shard), 0, 2)
+    glob = str(Path(info["folder"]).resolve() / "*.tar")  # the children run in their checkout
     runs: dict[Path, list[dict[str, Any]]] = {c: [] for c in codes}
     for r in range(a.repeat):
         for i, code in enumerate(codes):  # alternating: one round of every checkout, then the next
-            run = one_run(code, info["glob"], a.work / f"startup-out-{i}", a.preset)
+            run = one_run(code, glob, a.work.resolve() / f"startup-out-{i}", a.preset)
             log(f"startup: {code} round {r + 1}: wall {run['wall']:.2f} s")
             runs[code].append(run)
     reports = []
