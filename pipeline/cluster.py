@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 from .config import JobConfig
 
 log = logging.getLogger("wintok")
+_timeline = logging.getLogger("wintok.timeline")
+
+
+def mark(phase: str) -> None:
+    """One DEBUG line `timeline PHASE T` (T: time.monotonic(), one clock for all processes of a
+    machine) at a start/stop milestone; benchmarks/startup.py turns them into a timeline."""
+    _timeline.debug("timeline %s %.4f", phase, time.monotonic())
 
 
 def start_ray(cfg: JobConfig) -> None:
@@ -17,6 +25,7 @@ def start_ray(cfg: JobConfig) -> None:
 
     if ray.is_initialized():
         return
+    mark("ray_init_start")
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}}
     if address and address != "local":
@@ -28,6 +37,7 @@ def start_ray(cfg: JobConfig) -> None:
         # file) and then refuses num_cpus with a traceback.
         ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, runtime_env=env,
                  logging_level=logging.WARNING, configure_logging=True)
+    mark("ray_init")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Any
 
 from schemas import FailureRecord, Manifest
 
+from .cluster import mark
 from .config import JobConfig
 from .io import Storage, StorageOptions
 from .layout import RUN_FILE, failed_rel
@@ -44,21 +45,26 @@ log = logging.getLogger("wintok")
 def run_job(cfg: JobConfig) -> Summary:
     """Plan, resume, run; the summary says what happened (`.ok` iff every planned shard is committed)."""
     t0 = time.monotonic()
+    mark("run_job")
     opts = storage_options(cfg)
     storage = Storage(cfg.output, opts)
     fp = run_fingerprint(cfg)
+    mark("fingerprint")
     shards = plan(cfg, opts)
+    mark("plan")
     if storage.exists(RUN_FILE) and not cfg.overwrite:
         check_run_file(storage, fp, cfg)  # refuses a different run; writes nothing for the same one
         todo, skipped = pending(cfg, storage, shards)
         if not todo:  # nothing to do: no lease, no write
             return Summary(planned=skipped, skipped=skipped, wall_seconds=time.monotonic() - t0)
     with Lease(storage, ttl=cfg.lease_ttl, break_lease=cfg.break_lease) as lease:
+        mark("lease")
         check_run_file(storage, fp, cfg)
         todo, skipped = pending(cfg, storage, shards)  # listed once, under the lease
         summary = Summary(planned=skipped + len(todo) if cfg.retry_failed else len(shards), skipped=skipped)
         if todo:
             _Scheduler(cfg, storage, opts, fp, todo, summary, lease).run()
+    mark("lease_released")
     summary.wall_seconds = time.monotonic() - t0
     return summary
 
@@ -99,6 +105,7 @@ class _Scheduler:
             finally:
                 if started:
                     ray.shutdown()
+                    mark("ray_shutdown")
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         if self.stop_signal:  # asked twice: stop waiting for the in-flight shards
@@ -120,6 +127,7 @@ class _Scheduler:
             self.bars.close()
             self.summary.worker_start_deaths = self.pool.start_deaths
             self.pool.shutdown({s for s, _ in self.inflight.values()})
+            mark("workers_shut_down")
         if self.stop_signal and (self.inflight or self.todo or self.delayed):
             raise RunStopped(self.stop_signal, self._stopped_message())
 
@@ -136,7 +144,9 @@ class _Scheduler:
             row_group_rows=self.cfg.row_group_rows, storage=self.opts, torch_threads=shape.torch_threads,
             lease_token=self.lease.token if self.lease else None, fingerprint=self.fp,
         )
-        return ActorPool(actor_cls, wcfg, shape.actors, self.retry)
+        pool = ActorPool(actor_cls, wcfg, shape.actors, self.retry)
+        mark("actors_created")
+        return pool
 
     def _round(self) -> bool:
         """One round: release due retries, dispatch to ready workers, watch for stalls, collect

@@ -13,6 +13,7 @@ import re
 import time
 from typing import Any
 
+from .cluster import mark
 from .plan import RunRefused
 from .protocol import Reason, ShardResult, ShardTask
 from .retry import RetryPolicy
@@ -85,6 +86,7 @@ class ActorPool:
             except Exception as e:  # noqa: BLE001 - anything else from the worker's start
                 raise RunRefused(f"workers could not start: {_cause_line(str(e))}") from None
             self.ready[slot] = True
+            mark(f"worker_ready:{slot}")
             self.start_failures.pop(slot, None)
 
     def _start_died(self, slot: int, e: Exception) -> None:
