@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # holds a lease (TTL 1 s) and "commits" every 0.2 s through the check the writer uses
 HOLDER = r"""
-import os, sys, time
+import os, signal, sys, time
 from pipeline.io import Storage
 from pipeline.lease import Lease, LeaseLost, check_fence
 storage = Storage(sys.argv[1])
@@ -37,6 +37,9 @@ try:
         storage.put_bytes(b"x", f"commits/{i:05d}")
         i += 1
         print("tick", flush=True)
+        if os.path.exists(sys.argv[2]):  # the test asks for a pause right after a commit: a known point
+            os.unlink(sys.argv[2])
+            os.kill(os.getpid(), signal.SIGSTOP)
         time.sleep(0.2)
 except LeaseLost as e:
     noticed = lease.lost.wait(3)  # the heartbeat notices the takeover too
@@ -45,6 +48,11 @@ except LeaseLost as e:
     lease.release()
     sys.exit(2)
 """
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 def _dead_pid() -> int:
@@ -65,7 +73,8 @@ def _plant(out, **rec) -> None:
 def test_heartbeat_keeps_the_lease_and_a_paused_holder_loses_it_and_commits_nothing(tmp_path):
     out = str(tmp_path / "out")
     env = {**os.environ, "PYTHONPATH": REPO}
-    child = subprocess.Popen([sys.executable, "-c", HOLDER, out], env=env, stdout=subprocess.PIPE, text=True)
+    pause = str(tmp_path / "pause-now")
+    child = subprocess.Popen([sys.executable, "-c", HOLDER, out, pause], env=env, stdout=subprocess.PIPE, text=True)
     try:
         first = child.stdout.readline().split()
         assert first[0] == "token", first
@@ -76,7 +85,11 @@ def test_heartbeat_keeps_the_lease_and_a_paused_holder_loses_it_and_commits_noth
                 Lease(Storage(out), ttl=1.0).acquire()
             time.sleep(0.3)
         assert child.stdout.readline().strip() == "tick"
-        child.send_signal(signal.SIGSTOP)  # paused in its sleep, after a commit
+        open(pause, "w").close()  # it stops itself right after its next commit (not between check and write)
+        deadline = time.time() + 20
+        while time.time() < deadline and _state(child.pid) != "T":
+            time.sleep(0.02)
+        assert _state(child.pid) == "T", "the holder did not pause"
         before = sorted(os.listdir(os.path.join(out, "commits")))
         time.sleep(1.6)
         second = Lease(Storage(out), ttl=30.0)
