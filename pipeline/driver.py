@@ -28,11 +28,12 @@ from .io import Storage, StorageOptions, expand_inputs, s3_options
 from .layout import FAILED_DIR, MANIFEST_DIR, RUN_FILE, failed_rel
 from .lease import Lease, LeaseLost
 from .protocol import PERMANENT, WORKER_LOST, Reason, ShardResult, ShardTask
-from .runner import ModelSpec
+from .shard.encode import ModelSpec
+from .shard.processor import WorkerConfig
 from .signals import RunStopped, trap_sigterm
 from .urls import StemError, normalize_stem, redact_text, redact_url, shard_stems
 from .watchdog import Watchdog
-from .worker import WorkerConfig, make_actor_class
+from .worker import make_actor_class
 
 log = logging.getLogger("wintok")
 
