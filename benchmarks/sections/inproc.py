@@ -1,9 +1,10 @@
 """(c') The pipeline's worker in this process, no Ray: `ShardProcessor.process` shard after shard.
 
-A diagnostic of where the worker's time goes: the model (`Runner.run`), `_consume` (hash,
-columns, Parquet) and of it `ShardSink.add_rows`, and how long the model thread waits on
-its queues. The worker is configured the way the driver configures it (`pipeline.cluster.shape_for`
-gives its decoders, decode mode and torch threads); stage times come from `timed_worker_stages`.
+A diagnostic of where the worker's time goes: the model (the `encode` stage), the sink (error
+records, columns, Parquet) and of it the sink's `add_rows`, and how long the model thread waits
+on its queues. The worker is configured the way the driver configures it (`pipeline.cluster.shape_for`
+gives its decoders, decode mode and torch threads); stage times are the stats its stages keep
+(`ShardProcessor.stats`), summed over the shards by `StageTimes.add`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""pipeline.decoders: thread and process decoders give the same outcomes; a dying child costs one sample."""
+"""pipeline.shard.decode: thread and process decoders give the same outcomes; a dying child costs one sample."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _jobs() -> list[tuple[str, bytes]]:
 
 
 def _decode_all(dec, jobs, chunk: int) -> list[tuple[str, object]]:
-    """Submit in chunks, take results in order, copy pixels out and release, as the worker does."""
+    """Submit in chunks, take results in order, copy pixels out and release, as Decoder.map does."""
     chunks = []
     for i in range(0, len(jobs), chunk):
         c = D.Chunk(list(jobs[i:i + chunk]))

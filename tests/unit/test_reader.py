@@ -1,4 +1,4 @@
-"""pipeline.reader: tar stream -> webdataset-style samples, strict about broken shards."""
+"""pipeline.shard.samples: tar stream -> webdataset-style samples, strict about broken shards."""
 
 from __future__ import annotations
 

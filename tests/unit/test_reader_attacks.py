@@ -1,4 +1,4 @@
-"""pipeline.reader on hostile or unusual tars: corrupt numbers never loop, names that are not
+"""pipeline.shard.samples (over pipeline.shard.tar) on hostile or unusual tars: corrupt numbers never loop, names that are not
 UTF-8 keep their samples apart, every member kind is a sample or an error record, a key is
 used once per shard."""
 
