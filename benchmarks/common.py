@@ -78,7 +78,7 @@ def predecoded(urls: list[str], size: int, count: int) -> Any:
     import numpy as np
 
     from pipeline.preprocess import PreprocessConfig, decode_image
-    from pipeline.reader import iter_samples
+    from pipeline.shard.samples import iter_samples
 
     pre = PreprocessConfig(image_size=size)
     out = []

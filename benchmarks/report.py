@@ -120,8 +120,8 @@ def _detail(r: dict[str, Any]) -> str | None:
     if sec == "inproc" and "share_consume" in r:
         return (f"- (c') {v}: of the wall time, the model thread ran `Runner.run` "
                 f"{100 * r['share_model']:.0f}% and waited on its queues "
-                f"{100 * r['share_model_thread_idle']:.0f}%; `_consume` (hash, columns, Parquet) took "
-                f"{100 * r['share_consume']:.0f}% ({'in the model thread' if r['consume_in_model_thread'] else 'on the writer thread'}), "
+                f"{100 * r['share_model_thread_idle']:.0f}%; the sink (hash, columns, Parquet) took "
+                f"{100 * r['share_consume']:.0f}% ({'in the model thread' if r['consume_in_model_thread'] else 'on its own thread'}), "
                 f"of which `add_rows` {100 * r['share_write']:.0f}% (model load {r['model_load_s']} s, not timed)")
     if sec in ("pipeline", "raydata"):
         m = r["memory_mib"]

@@ -14,7 +14,7 @@ on a small corpus (default 4 shards x 50 images, wintok-tiny, CPU) and reports a
 (PYTHONPATH=DIR), rounds alternating between them; the best round (lowest wall) of each is kept.
 Also printed once per checkout: the CLI's import time by top-level package (`python -X
 importtime`) and, in a fresh interpreter, what a worker pays before its first shard: `import
-ray`, `import pipeline.worker`, and the model's load (`pipeline.runner.Runner`).
+ray`, `import pipeline.worker`, and the model's load (`pipeline.shard.encode.Runner`).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import ray  # noqa: F401
 t1 = time.monotonic()
 import pipeline.worker  # noqa: F401
 t2 = time.monotonic()
-from pipeline.runner import ModelSpec, Runner
+from pipeline.shard.encode import ModelSpec, Runner
 Runner(ModelSpec(model=sys.argv[1], device="cpu"))
 t3 = time.monotonic()
 print(json.dumps({"import ray": t1 - t0, "import pipeline.worker": t2 - t1, "model load (Runner)": t3 - t2}))

@@ -59,15 +59,18 @@ def worker_shape(cfg: JobConfig, shards: int) -> WorkerShape:
 
 
 def shape_for(cfg: JobConfig, shards: int, cpus: int, gpus: int) -> WorkerShape:
+    """Actors, their resources, decoders and torch threads; the decode mode by `decode_kind` (the one rule)."""
+    from .shard.decode import decode_kind
+
     if gpus and cfg.device != "cpu":
         per = cfg.gpus_per_worker
         n = max(1, min(int(gpus / per), shards))
         share = max(1, int(cpus * per / gpus))
         decode = cfg.decode_threads or max(4, share - 2)
-        mode = "processes" if cfg.decode_mode == "auto" else cfg.decode_mode
+        mode = decode_kind(cfg.decode_mode, gpu_worker=True)
         return WorkerShape(n, per, float(max(1, min(decode, share - 1))), decode, None, mode)
     n = max(1, min(cfg.workers or max(1, cpus // 4), shards))
     share = max(1, cpus // n)
     decode = cfg.decode_threads or max(2, share // 2)
-    mode = "threads" if cfg.decode_mode == "auto" else cfg.decode_mode
+    mode = decode_kind(cfg.decode_mode, gpu_worker=False)
     return WorkerShape(n, 0.0, 1.0, decode, cfg.torch_threads or share, mode)

@@ -31,11 +31,12 @@ from .plan import RunRefused, check_run_file, model_spec, pending, plan, run_fin
 from .pool import ActorPool, actor_failure
 from .protocol import PERMANENT, WORKER_LOST, Reason, ShardResult, ShardTask
 from .retry import RetryPolicy
+from .shard.processor import WorkerConfig
 from .signals import RunStopped, trap_sigterm
 from .summary import Progress, Summary
 from .urls import redact_text, redact_url
 from .watchdog import Watchdog
-from .worker import WorkerConfig, make_actor_class
+from .worker import make_actor_class
 
 # the driver's API: run_job and what it returns or raises (the rest lives in plan, pool, summary)
 __all__ = ["RunRefused", "Summary", "model_spec", "run_fingerprint", "run_job", "storage_options"]

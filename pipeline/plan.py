@@ -17,7 +17,7 @@ from schemas import SCHEMA_VERSION, fingerprint_digest
 from .config import JobConfig
 from .io import Storage, StorageOptions, expand_inputs, s3_options
 from .layout import FAILED_DIR, MANIFEST_DIR, RUN_FILE
-from .runner import ModelSpec
+from .shard.encode import ModelSpec
 from .urls import StemError, normalize_stem, redact_text, redact_url, shard_stems
 
 

@@ -17,7 +17,7 @@ from .cluster import mark
 from .plan import RunRefused
 from .protocol import Reason, ShardResult, ShardTask
 from .retry import RetryPolicy
-from .worker import WorkerConfig
+from .shard.processor import WorkerConfig
 
 log = logging.getLogger("wintok")
 

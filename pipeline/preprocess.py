@@ -36,15 +36,12 @@ from __future__ import annotations
 import functools
 import io
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .config import MAX_IMAGE_PIXELS, RESIZE_MODES
-
-if TYPE_CHECKING:
-    import torch
+from .shard.errors import SampleError
 
 STAGE = "decode"
 SUPPORTED_FORMATS: tuple[str, ...] = (
@@ -80,19 +77,6 @@ class PreprocessConfig:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
         if self.max_image_pixels <= 0:
             raise ValueError(f"max_image_pixels must be positive, got {self.max_image_pixels}")
-
-
-class SampleError(Exception):
-    """A single sample cannot be used; ``reason`` is a short code, ``str(e)`` = 'reason: detail'."""
-
-    def __init__(self, stage: str, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.stage = stage
-        self.reason = reason
-        self.detail = detail
-
-    def __reduce__(self) -> tuple[type[SampleError], tuple[str, str, str]]:
-        return (type(self), (self.stage, self.reason, self.detail))
 
 
 @dataclass
@@ -272,17 +256,3 @@ def _flatten(im: Image.Image) -> Image.Image:
         background.paste(im.convert(base_mode), mask=im.getchannel("A"))
         return background.convert("RGB")
     raise _fail("bad_mode", f"unexpected mode {im.mode!r} after resize")  # pragma: no cover
-
-
-def to_model_input(batch_uint8: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1] (x / 127.5 - 1), on the same device."""
-    import torch
-
-    if batch_uint8.dtype != torch.uint8 or batch_uint8.dim() != 4 or batch_uint8.shape[-1] != 3:
-        raise ValueError(
-            f"expected a (B, H, W, 3) uint8 tensor, got {tuple(batch_uint8.shape)} {batch_uint8.dtype}"
-        )
-    b, h, w, _ = batch_uint8.shape
-    out = torch.empty((b, 3, h, w), dtype=torch.float32, device=batch_uint8.device)
-    out.copy_(batch_uint8.permute(0, 3, 1, 2))
-    return out.div_(127.5).sub_(1.0)

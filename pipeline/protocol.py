@@ -35,7 +35,7 @@ WORKER_LOST: frozenset[Reason] = frozenset({Reason.WORKER_DIED, Reason.OOM})
 def failure_reason(exc: BaseException) -> Reason:
     """The reason of a shard attempt that raised `exc` (the one place exceptions are classified)."""
     from .lease_file import LeaseLost
-    from .reader import ShardReadError
+    from .shard.errors import ShardReadError
 
     if isinstance(exc, LeaseLost):
         return Reason.LEASE_LOST

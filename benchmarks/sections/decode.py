@@ -2,7 +2,7 @@
 
 As many decoders as the pipeline runs on this machine (its workers x their decoders, from
 `pipeline.cluster.shape_for`), in the pipeline's decode mode: a thread pool over
-`decode_image`, or the pipeline's `ProcessDecoder` (chunks to child processes, pixels back
+`decode_image`, or the pipeline's process `Decoder.map` (chunks to child processes, pixels back
 through shared memory). Also single-thread costs per image on a subset: reading the tar,
 `decode_image` with and without JPEG draft mode, and the naive full PIL decode + resize.
 """
@@ -44,7 +44,7 @@ def _threads(urls: list[str], pre: Any, B: int, threads: int) -> dict[str, Any]:
     import numpy as np
 
     from pipeline.preprocess import decode_image
-    from pipeline.reader import iter_samples
+    from pipeline.shard.samples import iter_samples
 
     n = 0
     t0 = time.perf_counter()
@@ -71,55 +71,28 @@ def _threads(urls: list[str], pre: Any, B: int, threads: int) -> dict[str, Any]:
 
 
 def _processes(urls: list[str], pre: Any, B: int, procs: int) -> dict[str, Any]:
-    """The pipeline's ProcessDecoder: chunks to `procs` children, pixels copied into one batch buffer."""
+    """The pipeline's process decoder (`Decoder.map`: chunks to `procs` children, pixels back
+    through shared memory), each image copied into one batch buffer as the batch stage does."""
     import numpy as np
 
-    from pipeline.decoders import Chunk, make_decoder
-    from pipeline.reader import iter_samples
+    from pipeline.shard.decode import Decoder
+    from pipeline.shard.samples import iter_samples
 
-    dec = make_decoder("processes", procs, pre, 2 * B + 1)
+    dec = Decoder("processes", procs, pre, 2 * B)
     batch = np.empty((B, pre.image_size, pre.image_size, 3), np.uint8)
-    warm = Chunk([])
-    dec.submit(warm)  # start the children before the clock
-    dec.results(warm)
+    dec.warm()  # start the children before the clock
     n = 0
-    window: deque = deque()
-    pending: Chunk | None = None
-
-    def take() -> None:
-        nonlocal n, pending
-        c, i = window.popleft()
-        if c is pending:
-            dec.submit(c)
-            pending = None
-        r = dec.results(c)[i]
-        batch[n % B] = r.pixels
-        dec.release(r)
-        n += 1
-
     t0 = time.perf_counter()
     try:
         for url in urls:
             with open(url, "rb") as f:
-                for s in iter_samples(f, url):
-                    if pending is None:
-                        pending = Chunk([])
-                    pending.jobs.append((s.key, s.image))
-                    window.append((pending, len(pending.jobs) - 1))
-                    if len(pending.jobs) >= dec.chunk_size:
-                        dec.submit(pending)
-                        pending = None
-                    while len(window) > 2 * B or (window and window[0][0].done()):
-                        take()
-            if pending is not None:
-                dec.submit(pending)
-                pending = None
-            while window:
-                take()
+                for _, pixels in dec.map(iter_samples(f, url)):
+                    batch[n % B] = pixels
+                    n += 1
         secs = time.perf_counter() - t0
     finally:
         dec.close()
-    return {"images": n, "seconds": round(secs, 3), "img_s": round(n / secs, 2), "chunk": dec.chunk_size}
+    return {"images": n, "seconds": round(secs, 3), "img_s": round(n / secs, 2), "chunk": dec.backend.chunk_size}
 
 
 def subset_costs(urls: list[str], size: int, n: int) -> dict[str, float]:
@@ -127,7 +100,7 @@ def subset_costs(urls: list[str], size: int, n: int) -> dict[str, float]:
     from PIL import Image
 
     from pipeline.preprocess import PreprocessConfig, decode_image
-    from pipeline.reader import iter_samples
+    from pipeline.shard.samples import iter_samples
 
     raw: list[bytes] = []
     t0 = time.perf_counter()

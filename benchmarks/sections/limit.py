@@ -21,7 +21,7 @@ from benchmarks.corpus import shard_urls
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from pipeline.runner import ModelSpec, Runner
+    from pipeline.shard.encode import ModelSpec, Runner
 
     res: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
     res.update(matmul_peak())

@@ -40,7 +40,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     import webdataset as wds
     from torch.utils.data import DataLoader
 
-    from pipeline.runner import ModelSpec, Runner
+    from pipeline.shard.encode import ModelSpec, Runner
 
     urls = shard_urls(spec["corpus"])
     out = Path(spec["work"]) / "out-naive"

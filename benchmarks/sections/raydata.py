@@ -21,7 +21,7 @@ class _RayModel:
     """Ray Data actor: the same Runner as the pipeline's worker."""
 
     def __init__(self, preset: str, teacher: str | None) -> None:
-        from pipeline.runner import ModelSpec, Runner
+        from pipeline.shard.encode import ModelSpec, Runner
 
         self.runner = Runner(ModelSpec(model=preset, teacher=teacher))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.runner import ModelSpec, Runner
+from pipeline.shard.encode import ModelSpec, Runner
 
 pytestmark = pytest.mark.gpu
 

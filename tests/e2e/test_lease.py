@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.io import Storage, s3_options
 from pipeline.lease import LEASE_FILE, Lease, LeaseHeld, LeaseLost, check_fence
-from pipeline.writer import ShardWriter
+from pipeline.shard.sink import ShardSink
 from tests import corpus
 from tests.e2e.helpers import record
 
@@ -41,7 +41,7 @@ def test_s3_lease_heartbeats_fences_and_never_overwrites_a_new_holder(s3_endpoin
         with pytest.raises(LeaseLost, match=second.run_id):
             check_fence(storage, first.token)
         schema = pa.schema([pa.field("key", pa.string()), pa.field("sample_index", pa.int64())])
-        w = ShardWriter(storage, "s", "in/s.tar", schema, {"schema_version": 1})
+        w = ShardSink(storage, "s", "in/s.tar", schema, {"schema_version": 1})
         with pytest.raises(LeaseLost):
             w.commit(input_size=1, input_etag=None, attempts=1, seconds=0.0, run_fingerprint="x",
                      fence=lambda: check_fence(storage, first.token))

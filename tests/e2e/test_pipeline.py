@@ -12,7 +12,8 @@ import torch
 
 from pipeline.config import JobConfig
 from pipeline.driver import RunRefused, run_job
-from pipeline.preprocess import PreprocessConfig, decode_image, to_model_input
+from pipeline.preprocess import PreprocessConfig, decode_image
+from pipeline.shard.encode import to_model_input
 from tests import corpus
 from tests.e2e.helpers import file_states, ids_by_key, read_output
 from wintok_model import WinTok

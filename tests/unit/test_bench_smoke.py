@@ -1,5 +1,5 @@
 """benchmarks/: the cheap sections run end to end on a tiny corpus, the report re-renders the
-committed results, and the in-process section's stage timing leaves the worker as it found it."""
+committed results, and the in-process section's stage timing reads the stages' own stats."""
 
 from __future__ import annotations
 
@@ -58,13 +58,14 @@ def test_report_renders_the_committed_results_as_in_results_md():
     assert [ln for ln in lines if ln not in doc] == []
 
 
-def test_timed_worker_stages_times_and_restores(tmp_path):
-    """The one monkeypatching function counts model, consume and write time, then undoes itself."""
-    from benchmarks.sections.inproc import timed_worker_stages
-    from pipeline import writer
+def test_stage_times_come_from_the_processors_stats(tmp_path):
+    """The inproc section reads model, consume and write time from the stats the stages keep
+    (`ShardProcessor.stats`): nothing of the worker is wrapped or patched."""
+    from benchmarks.sections.inproc import StageTimes
     from pipeline.protocol import ShardTask
-    from pipeline.runner import ModelSpec
-    from pipeline.worker import ShardProcessor, WorkerConfig
+    from pipeline.shard import sink
+    from pipeline.shard.encode import ModelSpec
+    from pipeline.shard.processor import ShardProcessor, WorkerConfig
     from schemas import SCHEMA_VERSION
     from tests import corpus
 
@@ -72,17 +73,19 @@ def test_timed_worker_stages_times_and_restores(tmp_path):
     proc = ShardProcessor(WorkerConfig(output=str(tmp_path / "out"), batch_size=4, decode_threads=1,
                                        model=ModelSpec(model="wintok-tiny", device="cpu"),
                                        fingerprint={"schema_version": SCHEMA_VERSION}))
-    add_rows, run, consume = writer.ShardWriter.add_rows, proc.runner.run, proc._consume
-    with timed_worker_stages(proc) as times:
-        res = proc.process(ShardTask(shard, "00000", 1))
+    add_rows, run, attrs = sink.ShardSink.add_rows, proc.runner.run, set(vars(proc))
+    res = proc.process(ShardTask(shard, "00000", 1))
+    times = StageTimes()
+    times.add(proc.stats)
     proc.close()
     assert res.ok, res
     assert json.loads(res.manifest)["rows"] == 8
     assert all(times.spent[k] > 0 for k in ("model", "consume", "write")), times
     assert times.threads["model"] and times.threads["consume"]
-    assert writer.ShardWriter.add_rows is add_rows
-    assert "run" not in vars(proc.runner) and "_consume" not in vars(proc)
-    assert proc.runner.run == run and proc._consume == consume
+    assert {proc.stats[k].items for k in ("read", "decode", "write")} == {8}  # samples, rows
+    assert {proc.stats[k].items for k in ("batch", "encode", "sink")} == {2}  # batches of 4
+    assert sink.ShardSink.add_rows is add_rows
+    assert "run" not in vars(proc.runner) and set(vars(proc)) == attrs and proc.runner.run == run
 
 
 @pytest.mark.parametrize("cpus,gpus", [(2, 0), (16, 0), (16, 1), (16, 2)])

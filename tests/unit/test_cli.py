@@ -1,6 +1,6 @@
 """The CLI's promises: one line (exit 2) for a user mistake, verify reports damage, status/verify
 need neither torch nor Ray, every option has help. OUTPUTs here are written by the pipeline's own
-ShardWriter (real Parquet, real manifests) without a model, so these tests need no Ray."""
+ShardSink (real Parquet, real manifests) without a model, so these tests need no Ray."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from pipeline.cli import EXIT_USAGE, build_parser, main
 from pipeline.io import Storage
 from pipeline.layout import RUN_FILE
-from pipeline.writer import ShardWriter
+from pipeline.shard.sink import ShardSink
 from schemas import TokenLayout, fingerprint_digest, tokens_schema
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,7 +31,7 @@ def write_output(root: str, stems: tuple[str, ...] = ("00000", "00001", "00002")
     storage.put_bytes(json.dumps({"fingerprint_sha256": digest, "fingerprint": FP}).encode(), RUN_FILE)
     schema = tokens_schema(TokenLayout(pixel_ids=(1, 2, 2)), FP)
     for stem in stems:
-        w = ShardWriter(storage, stem, f"/in/{stem}.tar", schema, FP)
+        w = ShardSink(storage, stem, f"/in/{stem}.tar", schema, FP)
         w.add_rows({"key": [f"{stem}-{i}" for i in range(rows)], "shard": [f"/in/{stem}.tar"] * rows,
                     "sample_index": list(range(rows)), "image_hash": [bytes(16)] * rows,
                     "width": [4] * rows, "height": [4] * rows,

@@ -1,8 +1,9 @@
-"""pipeline.decoders: thread and process decoders give the same outcomes; a dying child costs one sample."""
+"""pipeline.shard.decode: thread and process decoders give the same outcomes; a dying child costs one sample."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import signal
 import subprocess
@@ -13,8 +14,8 @@ import time
 import numpy as np
 import pytest
 
-from pipeline import decoders as D
 from pipeline.preprocess import PreprocessConfig, SampleError, decode_image
+from pipeline.shard import decode as D
 from tests import corpus
 
 CFG = PreprocessConfig(image_size=48)
@@ -31,7 +32,7 @@ def _jobs() -> list[tuple[str, bytes]]:
 
 
 def _decode_all(dec, jobs, chunk: int) -> list[tuple[str, object]]:
-    """Submit in chunks, take results in order, copy pixels out and release, as the worker does."""
+    """Submit in chunks, take results in order, copy pixels out and release, as Decoder.map does."""
     chunks = []
     for i in range(0, len(jobs), chunk):
         c = D.Chunk(list(jobs[i:i + chunk]))
@@ -127,12 +128,72 @@ def test_make_decoder_chooses_and_falls_back(monkeypatch, caplog):
         assert p.chunk_size == 513 // 40  # two chunks per child in flight
     finally:
         p.close()
-    monkeypatch.delattr(D.os, "memfd_create")
-    t = D.make_decoder("processes", 2, CFG, in_flight=513)
+    monkeypatch.delattr(D.os, "memfd_create")  # the Linux fallback lives in decode_kind, the one rule
+    kind = D.decode_kind("processes", gpu_worker=True)
+    t = D.make_decoder(kind, 2, CFG, in_flight=513)
     assert isinstance(t, D.ThreadDecoder) and "memfd_create" in caplog.text
     t.close()
     with pytest.raises(ValueError):
         D.make_decoder("auto", 2, CFG, 8)
+
+
+def test_decode_kind_is_the_one_rule():
+    """(configured mode, worker kind, safe mode, platform) -> the decoder kind."""
+    assert D.decode_kind("auto", gpu_worker=True) == "processes"
+    assert D.decode_kind("auto", gpu_worker=False) == "threads"
+    assert D.decode_kind("threads", gpu_worker=True) == "threads"
+    assert D.decode_kind("processes", gpu_worker=False) == "processes"
+    # safe mode (a worker died on the shard): child processes, where a crash costs one sample
+    assert D.decode_kind("threads", gpu_worker=False, safe_mode=True) == "processes"
+    assert D.decode_kind("auto", gpu_worker=False, safe_mode=True, memfd=False) == "threads"
+    assert D.decode_kind("processes", gpu_worker=True, memfd=False) == "threads"
+    with pytest.raises(ValueError):
+        D.decode_kind("fork", gpu_worker=False)
+
+
+def _decode_map(kind: str, samples: list, window: int) -> list:
+    dec = D.Decoder(kind, 2, CFG, window)
+    try:
+        return [(d.sample.key, d.ok, d.error and d.error.reason, None if px is None else px.copy())
+                for d, px in dec.map(samples)]
+    finally:
+        dec.close()
+
+
+def test_decoder_map_keeps_order_and_agrees_across_kinds():
+    """Decoder.map: one (decoded, pixels) per sample in input order, read errors passed through;
+    threads and processes give the same pixels, whatever the window."""
+    from pipeline.shard.samples import iter_samples
+
+    data = corpus.tar_bytes(corpus.broken_corpus() + corpus.good_samples(9, seed=4))
+    samples = list(iter_samples(io.BytesIO(data), "t.tar"))
+    threads = _decode_map("threads", samples, window=4)
+    assert [k for k, *_ in threads] == [s.key for s in samples]
+    assert any(ok for _, ok, _, _ in threads) and any(not ok for _, ok, _, _ in threads)
+    for kind, window in (("processes", 3), ("processes", 64), ("threads", 1)):
+        other = _decode_map(kind, samples, window)
+        assert [(k, ok, r) for k, ok, r, _ in other] == [(k, ok, r) for k, ok, r, _ in threads]
+        for (_, _, _, a), (_, _, _, b) in zip(other, threads, strict=True):
+            assert (a is None and b is None) or np.array_equal(a, b)
+
+
+def test_decoder_map_closed_early_frees_every_slot():
+    """A consumer that stops early (generator close): what is in flight is abandoned, no slot kept."""
+    from pipeline.shard.samples import iter_samples
+
+    samples = list(iter_samples(io.BytesIO(corpus.tar_bytes(corpus.good_samples(40, seed=2))), "t.tar"))
+    dec = D.Decoder("processes", 2, CFG, 16)
+    try:
+        it = dec.map(samples)
+        for _ in range(5):
+            next(it)
+        assert dec.backend.in_flight() > 0
+        it.close()
+        assert dec.backend.in_flight() == 0
+        assert len(list(dec.map(samples))) == 40  # and the decoder goes on
+        assert dec.backend.in_flight() == 0
+    finally:
+        dec.close()
 
 
 def _shm_names() -> set[str]:
@@ -145,7 +206,7 @@ def test_children_go_and_nothing_is_left_when_the_worker_is_killed(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {REPO!r})
-        from pipeline.decoders import Chunk, ProcessDecoder
+        from pipeline.shard.decode import Chunk, ProcessDecoder
         from pipeline.preprocess import PreprocessConfig
         if __name__ == "__main__":
             d = ProcessDecoder(2, PreprocessConfig(image_size=16), 8, 2)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import decoders as D
 from pipeline.preprocess import PreprocessConfig, decode_image
+from pipeline.shard import decode as D
 
 W, H, BLOCK = 48, 32, 8
 CFG = PreprocessConfig(image_size=min(W, H))  # crop side = output side: no resampling, exact for PNG

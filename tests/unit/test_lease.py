@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.io import Storage
 from pipeline.lease import LEASE_FILE, Lease, LeaseError, LeaseHeld, LeaseLost, check_fence, proc_identity
-from pipeline.writer import ShardWriter
+from pipeline.shard.sink import ShardSink
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -139,7 +139,7 @@ def test_writer_commits_nothing_without_the_lease(tmp_path):
     lease.acquire()
 
     def write(stem: str) -> None:
-        w = ShardWriter(storage, stem, f"in/{stem}.tar", schema, {"schema_version": 1})
+        w = ShardSink(storage, stem, f"in/{stem}.tar", schema, {"schema_version": 1})
         w.add_error("k", 0, "decode", "bad_image", "not an image")
         try:
             w.commit(input_size=1, input_etag=None, attempts=1, seconds=0.0, run_fingerprint="x",

@@ -103,8 +103,8 @@ def test_defaults_shown_in_help_are_the_field_defaults():
 
 def test_other_modules_take_the_shared_defaults_from_config():
     from pipeline.preprocess import PreprocessConfig
-    from pipeline.runner import ModelSpec
-    from pipeline.worker import WorkerConfig
+    from pipeline.shard.encode import ModelSpec
+    from pipeline.shard.processor import WorkerConfig
     from wintok_model.config import PRESETS
 
     job, pre, worker = JobConfig(model="m"), PreprocessConfig(), WorkerConfig(output="o")

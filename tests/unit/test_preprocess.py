@@ -11,7 +11,8 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 from PIL.JpegImagePlugin import JpegImageFile
 
-from pipeline.preprocess import Decoded, PreprocessConfig, SampleError, decode_image, to_model_input
+from pipeline.preprocess import Decoded, PreprocessConfig, SampleError, decode_image
+from pipeline.shard.encode import to_model_input
 from tests import corpus
 
 CFG = PreprocessConfig(image_size=64)

@@ -1,4 +1,4 @@
-"""pipeline.reader: tar stream -> webdataset-style samples, strict about broken shards."""
+"""pipeline.shard.samples: tar stream -> webdataset-style samples, strict about broken shards."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from webdataset.tariterators import base_plus_ext
 
-from pipeline.reader import RawSample, ShardReadError, iter_samples, split_key
+from pipeline.shard.errors import SampleError
+from pipeline.shard.samples import RawSample, ShardReadError, iter_samples, split_key
 from tests import corpus
 
 
@@ -55,6 +56,14 @@ def tar_of(members: list[tuple[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
+def msg(sample: RawSample) -> str | None:
+    """A sample's read error as 'reason: detail', None without one (it is a typed SampleError of stage read)."""
+    if sample.error is None:
+        return None
+    assert isinstance(sample.error, SampleError) and sample.error.stage == "read", sample.error
+    return str(sample.error)
+
+
 def read_all(data: bytes, **kw) -> list[RawSample]:
     return list(iter_samples(io.BytesIO(data), "shard-under-test", **kw))
 
@@ -66,7 +75,7 @@ def test_good_samples_round_trip():
     assert [s.index for s in got] == list(range(6))
     for raw, src in zip(got, samples, strict=True):
         ext = next(e for e in src["members"] if e in ("jpg", "png"))
-        assert raw.error is None
+        assert msg(raw) is None
         assert raw.image == src["members"][ext] and raw.image_ext == ext
         assert raw.text == src["members"]["txt"].decode()
         assert raw.meta == src["members"]["json"].decode()
@@ -97,20 +106,20 @@ def test_grouping_by_path_key():
     got = read_all(data)
     assert [(s.key, s.index) for s in got] == [("dir/000001", 0), ("000001", 1)]
     assert got[0].image == b"J" and got[0].text == "t" and got[0].meta is None
-    assert got[1].error.startswith("no_image: sample has members [json, txt]")
+    assert msg(got[1]).startswith("no_image: sample has members [json, txt]")
     assert got[1].text == "u" and got[1].meta == "{}"
 
 
 def test_image_and_text_priority_and_case():
     data = tar_of([("a.png", b"P"), ("a.JPG", b"J"), ("a.caption", b"c"), ("a.txt", b"t"), ("a.cls", b"3")])
     (s,) = read_all(data)
-    assert (s.image, s.image_ext, s.text, s.error) == (b"J", "jpg", "t", None)
+    assert (s.image, s.image_ext, s.text, msg(s)) == (b"J", "jpg", "t", None)
 
 
 def test_invalid_utf8_caption_is_replaced_not_dropped():
     data = tar_of([("k.jpg", b"J"), ("k.txt", "café".encode("latin-1")), ("k.json", b'{"a": "\xff"}')])
     (s,) = read_all(data)
-    assert s.error is None and s.text == "caf\ufffd" and s.meta == '{"a": "\ufffd"}'
+    assert msg(s) is None and s.text == "caf\ufffd" and s.meta == '{"a": "\ufffd"}'
 
 
 def test_nonadjacent_repeated_key_is_a_duplicate_key_error_and_empty_key_is_a_key():
@@ -120,19 +129,19 @@ def test_nonadjacent_repeated_key_is_a_duplicate_key_error_and_empty_key_is_a_ke
         ("a", 0, b"1"), ("b", 1, b"2"), ("a", 2, None), ("", 3, b"4"), ("a", 4, None)
     ]  # fmt: skip
     dup = "duplicate_key: key 'a' was already used by sample 0 of this shard"
-    assert [s.error for s in got] == [None, None, dup, None, dup]
+    assert [msg(s) for s in got] == [None, None, dup, None, dup]
 
 
 def test_duplicate_extension_in_group_fails_that_sample_only():
     data = tar_of([("a.jpg", b"1"), ("a.jpg", b"2"), ("b.jpg", b"3")])
     got = read_all(data)
-    assert got[0].error.startswith("duplicate_member:") and got[0].image is None
-    assert got[1].key == "b" and got[1].error is None
+    assert msg(got[0]).startswith("duplicate_member:") and got[0].image is None
+    assert got[1].key == "b" and msg(got[1]) is None
 
 
 def test_member_without_extension_is_reported():
     (s,) = read_all(tar_of([("README", b"hello")]))
-    assert s.key == "README" and s.error.startswith("no_image") and "(no extension)" in s.error
+    assert s.key == "README" and msg(s).startswith("no_image") and "(no extension)" in msg(s)
 
 
 def test_skips_dirs_and_junk_and_reports_links():
@@ -150,8 +159,8 @@ def test_skips_dirs_and_junk_and_reports_links():
             info.size = len(payload)
             tf.addfile(info, io.BytesIO(payload))
     link, s = read_all(buf.getvalue())
-    assert (link.key, link.error) == ("dir/link", "unsupported_member: symlink 'dir/link.jpg' -> 'x.jpg'")
-    assert (s.key, s.image, s.text, s.error) == ("dir/x", b"X", "cap", None)
+    assert (link.key, msg(link)) == ("dir/link", "unsupported_member: symlink 'dir/link.jpg' -> 'x.jpg'")
+    assert (s.key, s.image, s.text, msg(s)) == ("dir/x", b"X", "cap", None)
 
 
 def test_member_too_large_is_a_sample_error_and_not_read():
@@ -163,9 +172,9 @@ def test_member_too_large_is_a_sample_error_and_not_read():
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert got[0].error.startswith("member_too_large:") and "a.jpg" in got[0].error
+    assert msg(got[0]).startswith("member_too_large:") and "a.jpg" in msg(got[0])
     assert got[0].image is None
-    assert (got[1].key, got[1].image, got[1].error) == ("b", b"ok", None)
+    assert (got[1].key, got[1].image, msg(got[1])) == ("b", b"ok", None)
     assert peak < (2 << 20), f"peak {peak} bytes: the large member was read into memory"
 
 
@@ -293,7 +302,7 @@ def test_long_paths_in_each_tar_format(fmt):
     assert names == [n for n, _ in members]
     assert [s.key for s in got] == [split_key(n)[0] for n, _ in members if not n.endswith(".txt")]
     assert got[0].image == b"J1" and got[0].text == "t1"
-    assert all(s.error is None for s in got)
+    assert all(msg(s) is None for s in got)
 
 
 def test_pax_global_header_and_base256_numbers():
@@ -328,10 +337,10 @@ def test_unknown_member_type_and_sparse_are_errors_of_their_sample():
     data = _tar([("x.bin", b"z" * 700), ("a.jpg", b"A")])
     assert data.index(b"x.bin") == 0  # no pax header in front: x.bin's header is the first block
     unknown = _reheader(data, 0, typeflag=b"N")  # an old GNU type: its data is skipped by size
-    assert [(s.key, s.image, s.error) for s in read_all(unknown)] == [
+    assert [(s.key, s.image, msg(s)) for s in read_all(unknown)] == [
         ("x", None, "unsupported_member: member of type 'N' 'x.bin'"), ("a", b"A", None)]
     sparse = _reheader(data, 0, typeflag=b"S")  # no extension blocks (byte 482 is 0): data follows
-    assert [(s.key, s.image, s.error) for s in read_all(sparse)] == [
+    assert [(s.key, s.image, msg(s)) for s in read_all(sparse)] == [
         ("x", None, "unsupported_member: GNU sparse file 'x.bin'"), ("a", b"A", None)]
 
 
@@ -383,7 +392,7 @@ def test_shards_written_by_webdataset_read_as_webdataset_reads_them(tmp_path, co
             w.write({"__key__": key, "jpg": jpg, "txt": f"caption {i}", "json": {"i": i}})
             sent.append((key, jpg))
     with open(path, "rb") as f:
-        got = [(s.key, s.image, s.text, s.error) for s in iter_samples(f, path)]
+        got = [(s.key, s.image, s.text, msg(s)) for s in iter_samples(f, path)]
     theirs = [(d["__key__"], d["jpg"], d["txt"].decode()) for d in wds.WebDataset(path, shardshuffle=False)]
     assert [(k, img, txt) for k, img, txt, _ in got] == theirs
     assert [(k, img) for k, img, _, _ in got] == sent and all(e is None for *_, e in got)

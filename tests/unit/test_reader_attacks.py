@@ -1,4 +1,4 @@
-"""pipeline.reader on hostile or unusual tars: corrupt numbers never loop, names that are not
+"""pipeline.shard.samples (over pipeline.shard.tar) on hostile or unusual tars: corrupt numbers never loop, names that are not
 UTF-8 keep their samples apart, every member kind is a sample or an error record, a key is
 used once per shard."""
 
@@ -12,9 +12,18 @@ import threading
 
 import pytest
 
-from pipeline.reader import RawSample, ShardReadError, iter_samples
+from pipeline.shard.errors import SampleError
+from pipeline.shard.samples import RawSample, ShardReadError, iter_samples
 
 LATIN1_NAMES = ["café.jpg", "cafè.jpg", "cafë.jpg", "cafê.jpg"]  # one byte each differs, none UTF-8
+
+
+def msg(sample: RawSample) -> str | None:
+    """A sample's read error as 'reason: detail', None without one (it is a typed SampleError of stage read)."""
+    if sample.error is None:
+        return None
+    assert isinstance(sample.error, SampleError) and sample.error.stage == "read", sample.error
+    return str(sample.error)
 
 
 def read_all(data: bytes, **kw) -> list[RawSample]:
@@ -134,7 +143,7 @@ def test_latin1_names_stay_distinct_as_webdataset_reads_them(tmp_path, fmt):
     shown = [k.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for k in theirs]
     assert [s.key for s in got] == shown == ["caf\\xe9", "caf\\xe8", "caf\\xeb", "caf\\xea"]
     assert [s.image for s in got] == [b"IMG0", b"IMG1", b"IMG2", b"IMG3"]
-    assert all(s.error is None for s in got)
+    assert all(msg(s) is None for s in got)
     for s in got:
         s.key.encode("utf-8")  # no lone surrogates: writable as a Parquet string
 
@@ -149,15 +158,15 @@ def test_pax_path_that_is_not_utf8_uses_the_same_rule():
     data = buf.getvalue()
     assert b"path=dir/caf\xe9.jpg" in data  # a pax path record that is not UTF-8
     got = read_all(data)
-    assert [(s.key, s.image, s.error) for s in got] == [
+    assert [(s.key, s.image, msg(s)) for s in got] == [
         ("dir/caf\\xe9", b"0", None), ("dir/caf\\xe8", b"1", None), ("dir/café", b"2", None)]
 
 
 def test_messages_about_non_utf8_names_are_writable():
     data = _latin1_tar(tarfile.GNU_FORMAT, ["caf\xe9.jpg", "caf\xe9.jpg"])
     (s,) = read_all(data)
-    assert s.error == "duplicate_member: extension 'jpg' appears twice in sample 'caf\\\\xe9'"
-    s.error.encode("utf-8")
+    assert msg(s) == "duplicate_member: extension 'jpg' appears twice in sample 'caf\\\\xe9'"
+    msg(s).encode("utf-8")
 
 
 # ---- item 5: a key is used once per shard
@@ -180,7 +189,7 @@ def test_a_key_seen_again_is_a_duplicate_key_error():
     assert [(s.key, s.index, s.image, s.text) for s in got] == [
         ("a", 0, b"1", "t"), ("b", 1, b"2", None), ("a", 2, None, None), ("c", 3, b"4", None),
         ("a", 4, None, None)]
-    assert [s.error for s in got] == [
+    assert [msg(s) for s in got] == [
         None, None, "duplicate_key: key 'a' was already used by sample 0 of this shard", None,
         "duplicate_key: key 'a' was already used by sample 0 of this shard"]
 
@@ -190,7 +199,7 @@ def test_names_distinct_as_bytes_but_equal_as_stored_keys_are_duplicates():
     data = _plain_tar([("a\xff.jpg", b"1"), ("a\\xff.jpg", b"2")], encoding="latin-1")
     got = read_all(data)
     assert [(s.key, s.image) for s in got] == [("a\\xff", b"1"), ("a\\xff", None)]
-    assert got[1].error.startswith("duplicate_key: key 'a\\\\xff' was already used by sample 0")
+    assert msg(got[1]).startswith("duplicate_key: key 'a\\\\xff' was already used by sample 0")
 
 
 # ---- item 4b: every member kind is a sample or an error record
@@ -241,10 +250,10 @@ def test_every_member_kind_is_a_sample_or_an_error_record():
     }
     assert [s.key for s in got] == list(expect)
     assert [s.index for s in got] == list(range(len(expect)))
-    assert {s.key: s.error for s in got} == expect
-    assert [(s.image, s.text) for s in got if s.error is None] == [
+    assert {s.key: msg(s) for s in got} == expect
+    assert [(s.image, s.text) for s in got if msg(s) is None] == [
         (b"JPEG1", "cap1"), (b"JPEG9", None), (b"JPEG10", None)]
-    assert all(s.image is None for s in got if s.error)
+    assert all(s.image is None for s in got if msg(s))
     with tarfile.open(fileobj=io.BytesIO(_kinds_tar())) as tf:  # nothing else in it is a sample
         names = {m.name.split(".")[0] for m in tf.getmembers() if not m.isdir() and "._" not in m.name}
     assert names == set(expect)
@@ -286,7 +295,7 @@ def test_gnu_sparse_member_is_an_error_record_and_the_rest_reads(tmp_path, fmt, 
         if fmt == "gnu" and holes > 4:
             assert first.offset_data > first.offset + 512  # extended sparse header blocks follow
     got = read_all(out.read_bytes())
-    assert [(s.key, s.image, s.error) for s in got] == [
+    assert [(s.key, s.image, msg(s)) for s in got] == [
         ("000001", None, "unsupported_member: GNU sparse file '000001.jpg'"),
         ("000002", b"JPEG2" * 300, None),
         ("000003", b"JPEG3", None),
@@ -317,9 +326,9 @@ def test_worker_writes_latin1_keys_links_and_repeats_as_verify_expects(tmp_path)
 
     from pipeline.io import Storage
     from pipeline.protocol import ShardTask
-    from pipeline.runner import ModelSpec
+    from pipeline.shard.encode import ModelSpec
+    from pipeline.shard.processor import ShardProcessor, WorkerConfig
     from pipeline.verify import _check_shard
-    from pipeline.worker import ShardProcessor, WorkerConfig
     from schemas import SCHEMA_VERSION, Manifest
     from tests import corpus
 

@@ -7,8 +7,8 @@ import errno
 import pytest
 
 from pipeline.io import StorageIOError
-from pipeline.reader import ShardReadError
-from pipeline.worker import PERMANENT, Reason, failure_reason
+from pipeline.protocol import PERMANENT, Reason, failure_reason
+from pipeline.shard.errors import ShardReadError
 
 
 @pytest.mark.parametrize(("exc", "reason"), [

@@ -1,6 +1,6 @@
 """`wintok verify` catches each kind of damage on its own.
 
-An OUTPUT is committed by the real ShardWriter (real Parquet, real manifests, a `_run.json`
+An OUTPUT is committed by the real ShardSink (real Parquet, real manifests, a `_run.json`
 with the fingerprint digest). Each test then damages one shard the way a buggy writer or a
 bad merge would: the Parquet file is rewritten with pyarrow (same schema and metadata) and the
 manifest's size and sha256 are updated to match, so the file-integrity check passes and only
@@ -22,8 +22,8 @@ import pytest
 from pipeline.cli import main as cli_main
 from pipeline.io import Storage
 from pipeline.layout import RUN_FILE, manifest_rel
+from pipeline.shard.sink import ShardSink
 from pipeline.verify import verify
-from pipeline.writer import ShardWriter
 from schemas import Manifest, TokenLayout, fingerprint_digest, tokens_schema
 
 FINGERPRINT = {"model": {"name": "test"}, "preprocess": {"image_size": 8}}
@@ -34,7 +34,7 @@ ERRORS = {2: "truncated", 5: "unidentified"}
 
 def _commit(storage: Storage, stem: str, samples: int, errors: dict[int, str], tmp: str) -> None:
     digest = fingerprint_digest(FINGERPRINT)
-    w = ShardWriter(storage, stem, f"/data/{stem}.tar", tokens_schema(LAYOUT, FINGERPRINT), FINGERPRINT,
+    w = ShardSink(storage, stem, f"/data/{stem}.tar", tokens_schema(LAYOUT, FINGERPRINT), FINGERPRINT,
                     row_group_rows=3, tmp_root=tmp)
     rng = np.random.default_rng(int(stem))
     good = [i for i in range(samples) if i not in errors]

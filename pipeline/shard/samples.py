@@ -1,13 +1,13 @@
-"""Tar stream -> samples, grouped the way webdataset groups tar members.
+"""Tar members -> samples, grouped the way webdataset groups tar members.
 
 A shard is read strictly as a stream by the project's own tar parser (not ``tarfile``;
-see :mod:`pipeline.tarstream`): no seeking and no full copy, so it works on non-seekable
+see :mod:`pipeline.shard.tar`): no seeking and no full copy, so it works on non-seekable
 fsspec/S3 streams. Members are grouped by key: the member path up to the first dot of its basename (``dir/000001.jpg``
 -> key ``dir/000001``, extension ``jpg``; extensions are lower-cased), which is webdataset's
 rule. Consecutive members with the same key form one sample.
 
-Every sample is yielded, good or not; one that cannot be used carries ``error`` =
-``"<reason>: <detail>"`` and becomes an error record. Deviations from webdataset, chosen so
+Every sample is yielded, good or not; one that cannot be used carries ``error``, a
+:class:`SampleError` of stage ``read`` (its ``reason`` and ``detail``), and becomes an error record. Deviations from webdataset, chosen so
 that no input is silently lost and a key names one row:
 
 * a key seen again later in the shard (a non-adjacent group, which webdataset yields as a
@@ -39,7 +39,7 @@ directories ``D``), GNU volume labels (``V``), macOS ``._*`` files, anything und
 ``__MACOSX/``, and webdataset's ``__name__`` metadata entries.
 
 The tar format itself (headers, numbers, names, sparse maps, compression, where a shard ends)
-is read by :mod:`pipeline.tarstream`, which says what it accepts; a shard it cannot read
+is read by :mod:`pipeline.shard.tar`, which says what it accepts; a shard it cannot read
 raises :class:`ShardReadError`.
 """
 
@@ -52,7 +52,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from .tarstream import BLOCK, Corrupt, Source, members, open_stream, stored_name
+from .errors import SampleError, ShardReadError
+from .tar import BLOCK, Corrupt, Source, members, open_stream, stored_name
 
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "img", "image")
 TEXT_EXTS: tuple[str, ...] = ("txt", "caption")
@@ -71,11 +72,7 @@ class RawSample:
     image_ext: str | None
     text: str | None
     meta: str | None
-    error: str | None  # "<reason>: <detail>" when unusable at read stage
-
-
-class ShardReadError(Exception):
-    """The shard as a whole cannot be read: not a tar, truncated, or corrupt."""
+    error: SampleError | None  # stage "read": why the sample is unusable (None: it has an image)
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -106,18 +103,18 @@ class _Group:
     text_raw: bytes | None = None
     text_ext: str | None = None
     meta_raw: bytes | None = None
-    error: str | None = None
+    error: SampleError | None = None
 
-    def fail(self, error: str) -> None:
+    def fail(self, reason: str, detail: str) -> None:
         if self.error is None:
-            self.error = error
+            self.error = SampleError("read", reason, detail)
         self.image = self.image_ext = self.text_raw = self.meta_raw = None
 
     def to_sample(self, index: int) -> RawSample:
         error = self.error
         if error is None and self.image is None:
             shown = ", ".join(e if e else "(no extension)" for e in self.exts)
-            error = f"no_image: sample has members [{shown}] but no image"
+            error = SampleError("read", "no_image", f"sample has members [{shown}] but no image")
         text = self.text_raw.decode("utf-8", errors="replace") if self.text_raw is not None else None
         meta = self.meta_raw.decode("utf-8", errors="replace") if self.meta_raw is not None else None
         return RawSample(
@@ -139,12 +136,12 @@ def _add_member(group: _Group, src: Source, name: str, size: int, ext: str, unsu
                 limit: int) -> None:
     """Record one member in its group, reading its bytes only if the sample needs them."""
     if ext in group.exts:
-        group.fail(f"duplicate_member: extension {ext!r} appears twice in sample {group.key!r}")
+        group.fail("duplicate_member", f"extension {ext!r} appears twice in sample {group.key!r}")
         _skip(src, size, name)
         return
     group.exts.append(ext)
     if unsupported is not None:
-        group.fail(f"unsupported_member: {unsupported}")
+        group.fail("unsupported_member", unsupported)
         _skip(src, size, name)
         return
     wanted = ext in IMAGE_EXTS or ext in TEXT_EXTS or ext in META_EXTS
@@ -152,7 +149,7 @@ def _add_member(group: _Group, src: Source, name: str, size: int, ext: str, unsu
         _skip(src, size, name)
         return
     if size > limit:
-        group.fail(f"member_too_large: {stored_name(name)!r} is {size} bytes, limit {limit}")
+        group.fail("member_too_large", f"{stored_name(name)!r} is {size} bytes, limit {limit}")
         _skip(src, size, name)
         return
     data = src.read(size)
@@ -179,7 +176,7 @@ def _start(key: str, index: int, seen: dict[str, int]) -> _Group:
     group = _Group(key=stored)
     first = seen.setdefault(stored, index)
     if first != index:
-        group.fail(f"duplicate_key: key {stored!r} was already used by sample {first} of this shard")
+        group.fail("duplicate_key", f"key {stored!r} was already used by sample {first} of this shard")
     return group
 
 

@@ -6,7 +6,7 @@ decoded losslessly (see :func:`stored_name` for the form that is stored and show
 size the caller must then read or skip, and for a member kind the reader does not read
 (links, devices, FIFOs, GNU sparse files, unknown type flags) the detail of its
 ``unsupported_member`` error. Directories and GNU volume labels are skipped here.
-:mod:`pipeline.reader` groups the members into samples.
+:mod:`pipeline.shard.samples` groups the members into samples.
 
 Why not ``tarfile``: its stream mode copies the rest of its buffer on every read, reads a
 member in 10 KiB pieces joined in Python and sums header checksums through ``struct``; under
@@ -28,7 +28,7 @@ End-of-shard check: only the all-zero end-of-archive block ends a shard. A strea
 at a member boundary, inside a header, inside member data (read or skipped) or its padding,
 or that continues with a block that is not a valid header (bad checksum, bad number: corrupt
 data or trailing garbage) raises :class:`Corrupt` or ``EOFError``, which
-:func:`pipeline.reader.iter_samples` reports as ``ShardReadError``. A tar whose first end-of-archive
+:func:`pipeline.shard.samples.iter_samples` reports as ``ShardReadError``. A tar whose first end-of-archive
 block is present but whose second one (or the record padding) is missing is accepted: every
 member is complete by then. I/O errors of the underlying stream propagate unchanged.
 """

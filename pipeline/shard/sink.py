@@ -1,4 +1,7 @@
-"""Rows -> Parquet with the explicit schema, and the per-shard commit protocol.
+"""The shard sink: rows and errors -> local Parquet -> upload -> manifest last (or discard).
+
+:meth:`ShardSink.write` is the last stage (encoded batches in: error records and rows out);
+`add_rows` / `add_error` / `commit` / `discard` are the sink's whole interface.
 
 Files are written to a local temporary folder while the shard is processed (memory stays
 bounded: row groups are flushed as they fill), then uploaded whole to their final keys;
@@ -13,8 +16,9 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -22,10 +26,12 @@ import pyarrow.parquet as pq
 
 from schemas import FileRecord, Manifest, build_rows, errors_schema
 
-from .faults import failpoint
-from .io import Storage, sha256_file
-from .layout import errors_rel, manifest_rel, shards_rel
-from .urls import redact_url
+from ..faults import failpoint
+from ..io import Storage, sha256_file
+from ..layout import errors_rel, manifest_rel, shards_rel
+from ..urls import redact_url
+from .encode import Encoded
+from .stage import StageStats
 
 
 class _ParquetSink:
@@ -60,7 +66,7 @@ class _ParquetSink:
         self.writer.close()
 
 
-class ShardWriter:
+class ShardSink:
     """Collects one shard's rows and errors; `commit` uploads data files, then the manifest."""
 
     def __init__(self, storage: Storage, stem: str, shard_url: str, schema: pa.Schema,
@@ -73,11 +79,38 @@ class ShardWriter:
         self.error_rows: list[dict[str, Any]] = []
         self.reasons: Counter[str] = Counter()
         self.samples = 0
+        self.stats = StageStats(thread="")  # add_rows alone: Arrow rows and local Parquet
+
+    def write(self, encoded: Iterable[Encoded]) -> Iterator[int]:
+        """Each batch's samples as error records and rows, in sample order; yields the samples added."""
+        for items, outputs in encoded:
+            for it in items:
+                if not it.ok:
+                    err = it.error
+                    assert err is not None, it  # every sample that is not decoded says why
+                    self.add_error(it.sample.key, it.sample.index, err.stage, err.reason, str(err))
+            good = [it for it in items if it.ok]
+            if good:
+                self.add_rows({
+                    "key": [it.sample.key for it in good],
+                    "shard": [self.shard_url] * len(good),
+                    "sample_index": [it.sample.index for it in good],
+                    "image_hash": [it.digest for it in good],
+                    "width": [it.width for it in good],
+                    "height": [it.height for it in good],
+                    "text": [it.sample.text for it in good],
+                    "meta": [it.sample.meta for it in good],
+                    **outputs,
+                })
+            yield len(items)
 
     def add_rows(self, columns: dict[str, Any]) -> None:
+        t = time.perf_counter()
         batch = build_rows(self.rows.schema, columns)
         self.samples += batch.num_rows
         self.rows.add(batch)
+        self.stats.items += batch.num_rows
+        self.stats.busy += time.perf_counter() - t
 
     def add_error(self, key: str, index: int, stage: str, reason: str, error: str) -> None:
         self.samples += 1

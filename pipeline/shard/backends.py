@@ -1,7 +1,6 @@
-"""Decoders: image bytes -> model pixels, in threads or in child processes.
+"""Decoder backends: chunks of (key, bytes) in, per sample a :class:`Slot` or a :class:`SampleError`.
 
-Both kinds take *chunks* of samples and give back, per sample, either a :class:`Slot` (the
-pixels, to be copied into the batch and then released) or a :class:`SampleError`.
+Used by :class:`pipeline.shard.decode.Decoder` (which owns the window); the two kinds:
 
 * :class:`ThreadDecoder` decodes in a thread pool of the worker process. PIL releases the GIL
   while it decompresses and resizes, but not for its Python-level work (marker parsing, EXIF,
@@ -41,8 +40,9 @@ from typing import Any
 
 import numpy as np
 
-from .faults import failpoint
-from .preprocess import Decoded, PreprocessConfig, SampleError, decode_image
+from ..faults import failpoint
+from ..preprocess import Decoded, PreprocessConfig, decode_image
+from .errors import SampleError
 
 log = logging.getLogger("wintok")
 
@@ -289,14 +289,12 @@ class ProcessDecoder:
             pass
 
 
-def make_decoder(mode: str, workers: int, cfg: PreprocessConfig, in_flight: int) -> ThreadDecoder | ProcessDecoder:
-    """`in_flight`: the most samples the caller holds undecoded or not yet copied out."""
-    if mode not in ("threads", "processes"):
-        raise ValueError(f"decode mode must be threads or processes here, not {mode!r}")
-    if mode == "processes" and not hasattr(os, "memfd_create"):
-        log.warning("decoding in threads: decode processes need Linux (os.memfd_create)")
-        mode = "threads"
-    if mode == "threads":
+def make_decoder(kind: str, workers: int, cfg: PreprocessConfig, in_flight: int) -> ThreadDecoder | ProcessDecoder:
+    """The backend of `kind` (from :func:`decode_kind`); `in_flight`: the most samples the caller
+    holds undecoded or not yet copied out."""
+    if kind not in ("threads", "processes"):
+        raise ValueError(f"decode mode must be threads or processes here, not {kind!r}")
+    if kind == "threads":
         return ThreadDecoder(workers, cfg)
     # at least two chunks per child in flight, so that none waits on the round trip
     chunk = max(1, min(MAX_CHUNK, in_flight // (2 * max(1, workers))))

@@ -1,6 +1,8 @@
 """Batches of decoded uint8 images -> model(s) -> numpy outputs.
 
-One decoded batch feeds both WinTok and the teacher. Device, precision and memory are
+:func:`encode` is the stage (batches in, ``(items, outputs)`` out, buffers given back);
+:class:`Runner` loads the model(s) once and runs one batch; :func:`to_model_input` is the one
+definition of the model's input (x / 127.5 - 1). One decoded batch feeds both WinTok and the teacher. Device, precision and memory are
 handled here: uint8 copied once (pinned, non-blocking on CUDA), normalised on the device,
 bf16 autocast on GPUs (the quantiser stays fp32 inside the model), fp32 on CPUs by default.
 """
@@ -9,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -18,7 +21,9 @@ import torch.nn.functional as F
 
 from schemas import TokenLayout
 
-from .config import TINY_PRESET
+from ..config import TINY_PRESET
+from .batch import Batch, BufferPool
+from .decode import DecodedSample
 
 log = logging.getLogger("wintok")
 
@@ -39,9 +44,6 @@ class ModelSpec:
     teacher_dtype: str = "auto"
     teacher_patch_tokens: bool = False
     compile: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def pick_device(device: str) -> torch.device:
@@ -73,7 +75,7 @@ class Runner:
     """Holds the model(s) on one device and turns uint8 batches into output columns."""
 
     def __init__(self, spec: ModelSpec, storage: Any = None) -> None:
-        from .models import localize
+        from ..models import localize
 
         spec = replace(spec, model=localize(spec.model, storage), teacher=localize(spec.teacher, storage))
         self.spec = spec
@@ -134,7 +136,7 @@ class Runner:
         images = self.to_device(batch)
         out: dict[str, np.ndarray] = {}
         if self.model is not None:
-            x = images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+            x = to_model_input(images, torch.channels_last)  # the layout a permuted view has
             autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
             with autocast:
                 enc = self._encode(x, with_quant=False)
@@ -150,3 +152,34 @@ class Runner:
             if self.spec.teacher_patch_tokens:
                 out["teacher_patch_tokens"] = t["patch_tokens"].float().cpu().numpy()
         return {k: v[:n] for k, v in out.items()}
+
+
+def to_model_input(batch_uint8: torch.Tensor,
+                   memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1] (x / 127.5 - 1), on the same device.
+
+    `memory_format`: the result's layout (the values are the same). The runner asks for
+    ``channels_last``, the strides of the permuted uint8 batch, which it has always fed the model.
+    """
+    if batch_uint8.dtype != torch.uint8 or batch_uint8.dim() != 4 or batch_uint8.shape[-1] != 3:
+        raise ValueError(
+            f"expected a (B, H, W, 3) uint8 tensor, got {tuple(batch_uint8.shape)} {batch_uint8.dtype}"
+        )
+    b, h, w, _ = batch_uint8.shape
+    out = torch.empty((b, 3, h, w), dtype=torch.float32, device=batch_uint8.device, memory_format=memory_format)
+    out.copy_(batch_uint8.permute(0, 3, 1, 2))
+    return out.div_(127.5).sub_(1.0)
+
+
+Encoded = tuple[list[DecodedSample], dict[str, np.ndarray]]
+
+
+def encode(batches: Iterable[Batch], run: Callable[[np.ndarray], dict[str, np.ndarray]],
+           pool: BufferPool) -> Iterator[Encoded]:
+    """(items, outputs) per batch: `run` (``Runner.run``) on its decoded rows; the buffer goes back to `pool`."""
+    for batch in batches:
+        try:
+            outputs = run(batch.pixels[: batch.n]) if batch.n and batch.pixels is not None else {}
+        finally:
+            pool.give(batch.pixels)
+        yield batch.items, outputs
