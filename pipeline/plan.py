@@ -66,7 +66,10 @@ def run_fingerprint(cfg: JobConfig) -> dict[str, Any]:
         fp["teacher"] = _teacher_identity(teacher)
         fp["teacher_dtype"] = cfg.teacher_dtype
         fp["teacher_patch_tokens"] = cfg.teacher_patch_tokens
-    fp["preprocess"] = {"resize": cfg.resize, "max_image_pixels": cfg.max_image_pixels}
+    from .preprocess import PIXELS_VERSION
+
+    fp["preprocess"] = {"resize": cfg.resize, "max_image_pixels": cfg.max_image_pixels,
+                        "pixels_version": PIXELS_VERSION}
     fp["dtype"] = cfg.dtype
     fp["semantic_tokens"] = cfg.semantic_tokens
     return fp

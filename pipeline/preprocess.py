@@ -44,6 +44,9 @@ from .config import MAX_IMAGE_PIXELS, RESIZE_MODES
 from .shard.errors import SampleError
 
 STAGE = "decode"
+# bump when the same bytes decode to other pixels; it is part of the run fingerprint, so an OUTPUT
+# written under other rules is not resumed into. 2: 16-bit files scaled by their declared bit depth
+PIXELS_VERSION = 2
 SUPPORTED_FORMATS: tuple[str, ...] = (
     "JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "JPEG2000", "PPM", "ICO",
 )  # fmt: skip

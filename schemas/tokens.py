@@ -23,9 +23,6 @@ class TokenLayout:
     teacher_dim: int | None = None                    # Dt of teacher_embedding
     teacher_patch_tokens: tuple[int, int] | None = None  # (Np, Dp), optional
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
-
 
 def _tensor(dtype: pa.DataType, shape: tuple[int, ...]) -> pa.DataType:
     return pa.fixed_shape_tensor(dtype, list(shape))
