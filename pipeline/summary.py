@@ -96,8 +96,8 @@ class Progress:
         elapsed = time.monotonic() - self.t0
         rate = self.images / elapsed if elapsed > 0 else 0.0
         return (f"progress: {self.done + self.failed}/{self.total} shards ({self.failed} failed), "
-                f"{self.images} images tokenized, {self.errors} sample errors, {rate:.1f} img/s, "
-                f"{elapsed:.0f} s")
+                f"{self.images} images tokenized, {self.errors} sample errors; {rate:.1f} img/s over the "
+                f"{elapsed:.0f} s since the workers started (the summary's figure is over the whole wall)")
 
     def _maybe_line(self) -> None:
         if self.enabled and not self.tty and time.monotonic() - self.last >= self.interval:

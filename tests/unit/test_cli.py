@@ -205,8 +205,8 @@ def test_progress_without_a_terminal_is_plain_lines_every_interval(tmp_path):
     p.close()
     lines = log.getvalue().splitlines()
     assert len(lines) == 2, lines
-    assert lines[0].startswith("progress: 2/3 shards (0 failed), 9 images tokenized, 1 sample errors, ")
-    assert lines[1].startswith("progress: 3/3 shards (1 failed), 9 images tokenized, 1 sample errors, ")
+    assert lines[0].startswith("progress: 2/3 shards (0 failed), 9 images tokenized, 1 sample errors; ")
+    assert lines[1].startswith("progress: 3/3 shards (1 failed), 9 images tokenized, 1 sample errors; ")
     assert "\r" not in log.getvalue() and "\x1b" not in log.getvalue()
     quiet = io.StringIO()
     q = _Progress(1, enabled=False, interval=0.0, stream=quiet)
