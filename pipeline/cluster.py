@@ -73,4 +73,8 @@ def shape_for(cfg: JobConfig, shards: int, cpus: int, gpus: int) -> WorkerShape:
     share = max(1, cpus // n)
     decode = cfg.decode_threads or max(2, share // 2)
     mode = decode_kind(cfg.decode_mode, gpu_worker=False)
-    return WorkerShape(n, 0.0, 1.0, decode, cfg.torch_threads or share, mode)
+    # decoders and torch's threads share the worker's cores: together they take the share, not twice
+    # it (measured at share 2, 12,000 JPEGs: torch 1 thread against 2: 617 / 501 against 562 / 445
+    # img/s steady over two alternating rounds)
+    torch_threads = cfg.torch_threads or max(1, share - decode)
+    return WorkerShape(n, 0.0, 1.0, decode, torch_threads, mode)

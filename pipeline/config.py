@@ -78,7 +78,7 @@ class JobConfig:
     # cluster
     address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     workers: int | None = option(None, "CPU workers when there are no GPUs")
-    torch_threads: int | None = option(None, "intra-op threads of each CPU worker (default: its CPU share)")
+    torch_threads: int | None = option(None, "intra-op threads of each CPU worker (default: its CPU share minus its decoders, at least 1)")
     gpus_per_worker: float = option(1.0, "GPUs per worker actor", job_only=True)
     # reliability
     max_retries: int = option(3, "retries of a failed shard before it is recorded in _failed/")

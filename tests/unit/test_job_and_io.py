@@ -107,9 +107,9 @@ def test_worker_shape_per_gpu_and_per_cpu():
     assert shape_for(cfg, shards=3, cpus=128, gpus=8).actors == 3  # never more actors than shards
     cpu = shape_for(cfg, shards=100, cpus=2, gpus=0)
     assert (cpu.actors, cpu.num_gpus, cpu.decode_threads, cpu.decode_mode, cpu.torch_threads) == \
-        (1, 0.0, 2, "threads", 2)
+        (1, 0.0, 2, "threads", 1)  # decoders + torch threads = the worker's 2 CPUs
     cpu16 = shape_for(cfg, shards=100, cpus=16, gpus=0)
-    assert (cpu16.actors, cpu16.decode_threads, cpu16.torch_threads) == (4, 2, 4)
+    assert (cpu16.actors, cpu16.decode_threads, cpu16.torch_threads) == (4, 2, 2)
     forced = shape_for(cfg.replace(decode_mode="threads", decode_threads=6), shards=100, cpus=128, gpus=8)
     assert (forced.decode_mode, forced.decode_threads) == ("threads", 6)
     assert shape_for(cfg.replace(decode_mode="processes"), shards=1, cpus=2, gpus=0).decode_mode == "processes"
