@@ -7,6 +7,7 @@ import os
 
 import pyarrow.parquet as pq
 
+from pipeline.config import JobConfig
 from schemas import column_to_numpy
 
 
@@ -65,3 +66,11 @@ def write_report(path: str) -> None:
         for r in REPORT:
             f.write(f"| {r['scenario']} | {r['fault']} | {r['outcome']} | {r['attempts']} | {r['lost']} | "
                     f"{r['duplicates']} | {r['recovery']} |\n")
+
+
+def small_job(inputs, output, model, **kw) -> JobConfig:
+    """A fault scenario's job: one CPU worker, small batches, fast retries; `kw` overrides."""
+    base = dict(inputs=tuple(inputs), output=str(output), model=model, batch_size=4, decode_threads=2,
+                max_retries=2, retry_backoff=0.05, progress=False, workers=1)
+    base.update(kw)
+    return JobConfig(**base)

@@ -16,23 +16,18 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main as cli_main
-from pipeline.config import JobConfig
 from pipeline.driver import RunRefused, run_job
 from pipeline.io import Storage
 from pipeline.lease import Lease, LeaseHeld
 from pipeline.verify import verify
 from tests import corpus
-from tests.e2e.helpers import file_states, ids_by_key, read_output, record
+from tests.e2e.helpers import file_states, ids_by_key, read_output, record, small_job
 
 pytestmark = pytest.mark.e2e
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _job(inputs, output, model, **kw) -> JobConfig:
-    base = dict(inputs=tuple(inputs), output=str(output), model=model, batch_size=4, decode_threads=2,
-                max_retries=2, retry_backoff=0.05, progress=False, workers=1)
-    base.update(kw)
-    return JobConfig(**base)
+_job = small_job
 
 
 @pytest.fixture(scope="module")

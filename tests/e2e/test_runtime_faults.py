@@ -18,17 +18,14 @@ from pipeline.config import JobConfig
 from pipeline.driver import run_job
 from pipeline.verify import verify
 from tests import corpus
-from tests.e2e.helpers import record
+from tests.e2e.helpers import record, small_job
 
 pytestmark = pytest.mark.e2e
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _job(inputs, output, model, **kw) -> JobConfig:
-    base = dict(inputs=tuple(inputs), output=str(output), model=model, batch_size=4, decode_threads=2,
-                max_retries=1, retry_backoff=0.05, progress=False, workers=1)
-    base.update(kw)
-    return JobConfig(**base)
+    return small_job(inputs, output, model, **{"max_retries": 1, **kw})
 
 
 def _files_of(out, stem: str) -> list[str]:

@@ -12,22 +12,10 @@ import threading
 
 import pytest
 
-from pipeline.shard.errors import SampleError
-from pipeline.shard.samples import RawSample, ShardReadError, iter_samples
+from pipeline.shard.samples import RawSample, ShardReadError
+from tests.unit.test_reader import msg, read_all
 
 LATIN1_NAMES = ["café.jpg", "cafè.jpg", "cafë.jpg", "cafê.jpg"]  # one byte each differs, none UTF-8
-
-
-def msg(sample: RawSample) -> str | None:
-    """A sample's read error as 'reason: detail', None without one (it is a typed SampleError of stage read)."""
-    if sample.error is None:
-        return None
-    assert isinstance(sample.error, SampleError) and sample.error.stage == "read", sample.error
-    return str(sample.error)
-
-
-def read_all(data: bytes, **kw) -> list[RawSample]:
-    return list(iter_samples(io.BytesIO(data), "shard-under-test", **kw))
 
 
 def read_bounded(data: bytes, seconds: float = 10.0) -> list[RawSample] | BaseException:
