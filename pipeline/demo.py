@@ -86,6 +86,6 @@ def run_demo(directory: str, workers: int | None = None) -> int:
     print(render(status(output), speed=False))  # one speed figure: the run's img/s above
     first = Storage(output).path("shards/00000.parquet")
     print(f"\noutput: {output}\nread it with:\n"
-          f"  {sys.executable} -c \"import pyarrow.parquet as pq; t = pq.read_table('{first}'); "
-          f"print(t.schema); print(t.column('pixel_ids').combine_chunks().to_numpy_ndarray().shape)\"")
+          f"  {sys.executable} -c \"import pyarrow.parquet as pq; from schemas import column_to_numpy; t = pq.read_table('{first}'); "
+          f"print(t.schema); print(column_to_numpy(t, 'pixel_ids').shape)\"")
     return 0 if summary.ok else 1

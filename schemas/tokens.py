@@ -1,4 +1,4 @@
-"""Output schemas (v1): the single source of truth for every Parquet file we write. Pure pyarrow."""
+"""Output schemas (v2): the single source of truth for every Parquet file we write. Pure pyarrow."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+from .tensors import tensor_array, tensor_field, tensor_shape, tensor_to_numpy, tensor_type
+
+SCHEMA_VERSION = 2  # 2: tensor columns as nested fixed-size lists (schemas/tensors.py); 1: fixed_shape_tensor
 METADATA_KEY = b"wintok"
 
 
@@ -25,7 +27,7 @@ class TokenLayout:
 
 
 def _tensor(dtype: pa.DataType, shape: tuple[int, ...]) -> pa.DataType:
-    return pa.fixed_shape_tensor(dtype, list(shape))
+    return tensor_type(dtype, shape)
 
 
 def tokens_schema(layout: TokenLayout, fingerprint: dict[str, Any] | None = None) -> pa.Schema:
@@ -39,16 +41,16 @@ def tokens_schema(layout: TokenLayout, fingerprint: dict[str, Any] | None = None
         pa.field("height", pa.int32(), nullable=False),
     ]
     if layout.pixel_ids is not None:
-        fields.append(pa.field("pixel_ids", _tensor(pa.uint16(), layout.pixel_ids), nullable=False))
+        fields.append(tensor_field("pixel_ids", pa.uint16(), layout.pixel_ids))
     if layout.semantic_dim is not None:
-        fields.append(pa.field("semantic_pooled", _tensor(pa.float16(), (layout.semantic_dim,)), nullable=False))
+        fields.append(tensor_field("semantic_pooled", pa.float16(), (layout.semantic_dim,)))
     if layout.semantic_tokens is not None:
-        fields.append(pa.field("semantic_tokens", _tensor(pa.float16(), layout.semantic_tokens), nullable=False))
+        fields.append(tensor_field("semantic_tokens", pa.float16(), layout.semantic_tokens))
     if layout.teacher_dim is not None:
-        fields.append(pa.field("teacher_embedding", _tensor(pa.float16(), (layout.teacher_dim,)), nullable=False))
+        fields.append(tensor_field("teacher_embedding", pa.float16(), (layout.teacher_dim,)))
     if layout.teacher_patch_tokens is not None:
         fields.append(
-            pa.field("teacher_patch_tokens", _tensor(pa.float16(), layout.teacher_patch_tokens), nullable=False)
+            tensor_field("teacher_patch_tokens", pa.float16(), layout.teacher_patch_tokens)
         )
     fields += [pa.field("text", pa.string()), pa.field("meta", pa.string())]
     return pa.schema(fields, metadata=_metadata(fingerprint))
@@ -86,20 +88,18 @@ def build_rows(schema: pa.Schema, columns: dict[str, Any]) -> pa.RecordBatch:
     arrays = []
     for field in schema:
         value = columns[field.name]
-        if isinstance(field.type, pa.FixedShapeTensorType):
-            np_dtype = np.uint16 if field.type.value_type == pa.uint16() else np.float16
-            arr = np.ascontiguousarray(np.asarray(value).astype(np_dtype, copy=False))
-            shape = tuple(field.type.shape)
-            if arr.shape[1:] != shape:
-                raise ValueError(f"column {field.name}: expected (n, {shape}), got {arr.shape}")
-            storage = pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), int(np.prod(shape)))
-            arrays.append(pa.ExtensionArray.from_storage(field.type, storage))
+        found = tensor_shape(field.type)
+        if found is not None:
+            shape, value_type = found
+            try:
+                arrays.append(tensor_array(value, value_type, shape))
+            except ValueError as e:
+                raise ValueError(f"column {field.name}: {e}") from None
         else:
             arrays.append(pa.array(value, type=field.type))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
 def column_to_numpy(table: pa.Table, name: str) -> np.ndarray:
-    """A fixed_shape_tensor column back as one (n, *shape) ndarray."""
-    col = table.column(name).combine_chunks()
-    return col.to_numpy_ndarray()
+    """A tensor column back as one (n, *shape) ndarray (either schema version)."""
+    return tensor_to_numpy(table.column(name))

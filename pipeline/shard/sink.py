@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import FileRecord, Manifest, build_rows, errors_schema
+from schemas import FileRecord, Manifest, build_rows, errors_schema, is_tensor_type
 
 from ..faults import failpoint
 from ..io import Storage, sha256_file
@@ -39,7 +39,7 @@ class _ParquetSink:
         self.path, self.schema, self.row_group_rows = path, schema, row_group_rows
         self.writer = pq.ParquetWriter(  # ids and floats (all tensor columns) without dictionaries
             path, schema, compression="zstd",
-            use_dictionary=[f.name for f in schema if not isinstance(f.type, pa.FixedShapeTensorType)],
+            use_dictionary=[f.name for f in schema if not is_tensor_type(f.type)],
             write_statistics=["key", "sample_index", "width", "height"] if "width" in schema.names
             else ["key", "sample_index"],
         )

@@ -69,7 +69,7 @@ def test_storage_put_is_atomic_and_listing_is_fresh(tmp_path):
     assert not [p for p in (tmp_path / "out" / "_manifest").iterdir() if ".tmp" in p.name]
 
 
-def test_schema_round_trip_with_fixed_shape_tensors():
+def test_schema_round_trip_with_tensor_columns():
     layout = TokenLayout(pixel_ids=(4, 2, 2), semantic_dim=3, teacher_dim=5)
     schema = tokens_schema(layout, {"model": "x"})
     ids = np.arange(2 * 16).reshape(2, 4, 2, 2)
@@ -80,7 +80,9 @@ def test_schema_round_trip_with_fixed_shape_tensors():
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_batches([batch]), buf)
     table = pq.read_table(pa.BufferReader(buf.getvalue()))
-    assert isinstance(table.schema.field("pixel_ids").type, pa.FixedShapeTensorType)
+    t = table.schema.field("pixel_ids").type  # nested fixed-size lists, shape in the field metadata too
+    assert (t.list_size, t.value_type.list_size, t.value_type.value_type.list_size) == (4, 2, 2)
+    assert table.schema.field("pixel_ids").metadata == {b"wintok.shape": b"[4, 2, 2]"}
     np.testing.assert_array_equal(column_to_numpy(table, "pixel_ids"), ids.astype(np.uint16))
     assert column_to_numpy(table, "teacher_embedding").dtype == np.float16
     assert read_metadata(table.schema)["fingerprint"] == {"model": "x"}
