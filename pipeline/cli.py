@@ -155,6 +155,36 @@ def cmd_verify(a: argparse.Namespace) -> int:
     return EXIT_OK if report.clean(strict=a.strict) else EXIT_FAILED
 
 
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from .inspection import inspect_output, render_json, usage_png
+    from .io import s3_options
+
+    report = inspect_output(a.output, s3_options(a.s3_endpoint_url, a.s3_profile, bool(a.s3_anon)),
+                            max_shards=a.max_shards)
+    if a.png:
+        usage_png(report, a.png)
+    print(render_json(report) if a.json else report.render() + (f"\nwrote {a.png}" if a.png else ""))
+    return EXIT_OK
+
+
+def cmd_reconstruct(a: argparse.Namespace) -> int:
+    from .io import s3_options
+    from .reconstruct import grid_png, reconstruct
+
+    result = reconstruct(a.output, a.model, n=a.n, opts=s3_options(a.s3_endpoint_url, a.s3_profile, bool(a.s3_anon)),
+                         allow_pickle=bool(a.allow_pickle), encoder_config=a.encoder_config)
+    grid_png(result, a.out)
+    for key, p in zip(result.keys, result.psnr, strict=True):
+        print(f"{key}: " + (f"PSNR {p:.2f} dB" if p is not None else "original not reachable"))
+    for url, why in result.unreachable.items():
+        print(f"source {url} not readable: {why}")
+    mean = result.mean_psnr
+    print(f"mean PSNR {mean:.2f} dB over {sum(p is not None for p in result.psnr)} images; " if mean is not None
+          else "no originals reachable; ", end="")
+    print(f"wrote {a.out}")
+    return EXIT_OK
+
+
 def cmd_convert(a: argparse.Namespace) -> int:
     from wintok_model.checkpoint import convert_checkpoint
 
@@ -194,6 +224,24 @@ def build_parser() -> argparse.ArgumentParser:
                            help="un-commit every damaged shard (remove its manifest and files) so that a plain "
                                 "rerun of the tokenize command redoes exactly those")
         s.set_defaults(func=func)
+    i = sub.add_parser("inspect", help="rows, errors, schema, code usage and duplicate images of an OUTPUT")
+    i.add_argument("output", metavar="OUTPUT", help="the OUTPUT URL a tokenize run wrote")
+    i.add_argument("--png", help="also write a code-usage plot (rank-frequency per codebook) to this PNG")
+    i.add_argument("--max-shards", type=int, default=None,
+                   help="read only the first N committed shards for usage and duplicates (default: all)")
+    i.add_argument("--json", action="store_true", help="print the report as JSON")
+    r = sub.add_parser("reconstruct", help="decode pixel ids of an OUTPUT back to images: a grid with PSNR")
+    r.add_argument("output", metavar="OUTPUT", help="the OUTPUT URL a tokenize run wrote")
+    r.add_argument("--model", required=True, help="the model the OUTPUT was tokenized with")
+    r.add_argument("--n", type=int, default=16, help="how many images (the first rows in stem order; default 16)")
+    r.add_argument("-o", "--out", default="reconstruction.png", help="PNG to write (default reconstruction.png)")
+    for sp in (i, r):
+        for option in ("s3_endpoint_url", "s3_profile", "s3_anon"):
+            add_option(sp, option)
+    add_option(r, "encoder_config")
+    add_option(r, "allow_pickle")
+    i.set_defaults(func=cmd_inspect)
+    r.set_defaults(func=cmd_reconstruct)
     c = sub.add_parser("convert-checkpoint", help="official WinTok .pth -> model directory (safetensors)")
     c.add_argument("src", help="the official WinTok .pth checkpoint")
     c.add_argument("out_dir", help="model directory to write (config.json + model.safetensors)")
