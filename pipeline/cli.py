@@ -185,6 +185,19 @@ def cmd_reconstruct(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_train(a: argparse.Namespace) -> int:
+    from .train import TrainConfig, Trainer
+
+    cfg = TrainConfig.from_yaml(a.config, output=a.output, steps=a.steps)
+    result = Trainer(cfg).run()
+    print(json.dumps(result, indent=1, default=str) if a.json else
+          f"trained {result['steps']} steps in {result['seconds']:.0f} s; last loss {result['last'].get('loss', 0):.4f}; "
+          f"model: {result['final']}" + (f"; loss plot: {result['plot']}" if result["plot"] else "")
+          + (f"; {result['missing_from_cache']} samples had no cached embedding" if result["missing_from_cache"]
+             else ""))
+    return EXIT_OK
+
+
 def cmd_convert(a: argparse.Namespace) -> int:
     from wintok_model.checkpoint import convert_checkpoint
 
@@ -242,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(r, "allow_pickle")
     i.set_defaults(func=cmd_inspect)
     r.set_defaults(func=cmd_reconstruct)
+    tr = sub.add_parser("train", help="train or fine-tune WinTok from shards + cached (or online) teacher embeddings")
+    tr.add_argument("config", metavar="CONFIG.yaml", help="training options (pipeline/train.py TrainConfig)")
+    tr.add_argument("--output", help="override the config's output folder")
+    tr.add_argument("--steps", type=int, help="override the config's number of steps")
+    tr.add_argument("--json", action="store_true", help="print the result as JSON")
+    tr.set_defaults(func=cmd_train)
     c = sub.add_parser("convert-checkpoint", help="official WinTok .pth -> model directory (safetensors)")
     c.add_argument("src", help="the official WinTok .pth checkpoint")
     c.add_argument("out_dir", help="model directory to write (config.json + model.safetensors)")
@@ -257,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # user mistakes that end in one line and exit status 2: (module, class). Looked up in sys.modules
 # only, so that catching them imports nothing: `status` and `verify` must not pay for torch and Ray.
-_USER_ERRORS = (("pipeline.config", "JobConfigError"), ("pipeline.io", "InputError"),
+_USER_ERRORS = (("pipeline.config", "JobConfigError"), ("pipeline.train", "TrainConfigError"), ("pipeline.io", "InputError"),
                 ("pipeline.status", "OutputError"),
                 ("pipeline.lease_file", "LeaseError"), ("pipeline.driver", "RunRefused"),
                 ("wintok_model.checkpoint", "CheckpointError"), ("wintok_model.config", "ConfigError"),

@@ -102,6 +102,13 @@ PRESETS: dict[str, WinTokConfig] = {
         intermediate_size=128, num_latent_tokens=8, vocab_size=1024, vocab_width=16, num_codebooks=4,
         decoder_depth=2, decoder_num_heads=4, decoder_hidden_size=64, decoder_intermediate_size=128,
     ),
+    # The shipped trained model's shape (wintok_model/weights/wintok-mini): 64 px, patch 8,
+    # 4 codebooks of 1024, 8 semantic tokens; ~5 MB in fp32.
+    "wintok-mini": WinTokConfig(
+        image_size=64, patch_size=8, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=512, num_latent_tokens=8, vocab_size=4096, vocab_width=16, num_codebooks=4,
+        decoder_depth=4, decoder_num_heads=4, decoder_hidden_size=128, decoder_intermediate_size=512,
+    ),
     # Model-bound on a CPU (for benchmarks), still small to hold.
     "wintok-small": WinTokConfig(
         image_size=128, patch_size=16, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
