@@ -20,6 +20,8 @@ class TokenLayout:
     pixel_ids: tuple[int, ...] | None = None         # (C, H, W) per-codebook ids
     semantic_dim: int | None = None                   # D of semantic_pooled
     semantic_tokens: tuple[int, int] | None = None    # (N, D), optional
+    semantic_ids: tuple[int, int] | None = None       # (N, G or R) codebook ids, optional
+    semantic_codes: int = 1 << 16                     # codes per group / level: uint16 up to 65536, else uint32
     teacher_dim: int | None = None                    # Dt of teacher_embedding
     teacher_patch_tokens: tuple[int, int] | None = None  # (Np, Dp), optional
 
@@ -44,6 +46,9 @@ def tokens_schema(layout: TokenLayout, fingerprint: dict[str, Any] | None = None
         fields.append(pa.field("semantic_pooled", _tensor(pa.float16(), (layout.semantic_dim,)), nullable=False))
     if layout.semantic_tokens is not None:
         fields.append(pa.field("semantic_tokens", _tensor(pa.float16(), layout.semantic_tokens), nullable=False))
+    if layout.semantic_ids is not None:
+        id_type = pa.uint16() if layout.semantic_codes <= 1 << 16 else pa.uint32()
+        fields.append(pa.field("semantic_ids", _tensor(id_type, layout.semantic_ids), nullable=False))
     if layout.teacher_dim is not None:
         fields.append(pa.field("teacher_embedding", _tensor(pa.float16(), (layout.teacher_dim,)), nullable=False))
     if layout.teacher_patch_tokens is not None:
@@ -87,7 +92,7 @@ def build_rows(schema: pa.Schema, columns: dict[str, Any]) -> pa.RecordBatch:
     for field in schema:
         value = columns[field.name]
         if isinstance(field.type, pa.FixedShapeTensorType):
-            np_dtype = np.uint16 if field.type.value_type == pa.uint16() else np.float16
+            np_dtype = field.type.value_type.to_pandas_dtype()  # uint16, uint32 or float16
             arr = np.ascontiguousarray(np.asarray(value).astype(np_dtype, copy=False))
             shape = tuple(field.type.shape)
             if arr.shape[1:] != shape:

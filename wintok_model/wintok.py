@@ -149,6 +149,30 @@ class WinTok(nn.Module):
         """L2-normalised pooled semantic embedding (B, D)."""
         return F.normalize(self.encode(x, with_quant=False)["pooler_out"].float(), dim=-1)
 
+    # ---------------------------------------------------------------- semantic ids
+    @property
+    def semantic_codebook(self) -> nn.Module | None:
+        """The attached :class:`~wintok_model.semantic.SemanticCodebook`, or None."""
+        return self.__dict__.get("_semantic_codebook")
+
+    def attach_semantic_codebook(self, codebook: nn.Module | None) -> None:
+        """Use `codebook` for semantic ids. Kept out of the state dict (it is its own file) and
+        out of `.to()`: move it with ``codebook.to(device)`` before attaching."""
+        self.__dict__["_semantic_codebook"] = codebook
+
+    def _codebook(self) -> nn.Module:
+        if self.semantic_codebook is None:
+            raise ValueError("no semantic codebook attached: attach_semantic_codebook(load_codebook(path)) first")
+        return self.semantic_codebook
+
+    def tokens_to_semantic_ids(self, query_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) semantic tokens (encode()['query_tokens']) -> (B, N, G or R) int64 ids, in fp32."""
+        return self._codebook().assign(query_tokens)
+
+    def semantic_ids_to_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, N, G or R) semantic ids -> (B, N, D) fp32 quantised semantic tokens."""
+        return self._codebook().ids_to_tokens(ids)
+
     # ---------------------------------------------------------------- decoder
     def decode(self, quant: torch.Tensor) -> dict[str, torch.Tensor]:
         c = self.config
