@@ -88,16 +88,20 @@ def _semantic_codebook_identity(model: str, cfg: JobConfig, model_fp: dict[str, 
 
     try:
         path = semantic_codebook_path(model, cfg.semantic_codebook)
-        if path is None:
-            return None
+        config = model_fp["config"]
+        if path is None:  # the checkpoint's trained quantiser, unless turned off
+            if not config.get("semantic_vocab_size") or (cfg.semantic_codebook or "").lower() == "none":
+                return None
+            g = config["semantic_num_codebooks"]
+            return {"source": "checkpoint", "kind": "vq", "k": config["semantic_vocab_size"] // g, "levels": g}
         info = read_info(path)
     except CodebookError as e:
         raise RunRefused(str(e)) from None
-    if info.dim != model_fp["config"]["hidden_size"] or (info.model_sha256 and info.model_sha256 != model_fp["sha256"]):
+    if info.dim != config["hidden_size"] or (info.model_sha256 and info.model_sha256 != model_fp["sha256"]):
         raise RunRefused(f"semantic codebook {path} was fitted for another model (dim {info.dim}, weights "
                          f"{info.model_sha256[:12] or '?'}; this model: dim {model_fp['config']['hidden_size']}, "
                          f"weights {model_fp['sha256'][:12]}): fit one for this model, or --semantic-codebook none")
-    return {"sha256": codebook_sha256(path), "kind": info.kind, "k": info.k, "levels": info.levels}
+    return {"source": "file", "sha256": codebook_sha256(path), "kind": info.kind, "k": info.k, "levels": info.levels}
 
 
 def _teacher_identity(spec: str) -> dict[str, Any]:

@@ -51,19 +51,19 @@ class CodebookInfo:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
+        if self.kind not in (*KINDS, "vq"):  # vq: a checkpoint's trained quantiser, never a file
             raise CodebookError(f"semantic codebook kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
         if self.k < 1 or self.levels < 1 or self.dim < 1:
             raise CodebookError(f"semantic codebook needs k, levels and dim >= 1 (got {self.k}, {self.levels}, {self.dim})")
         if self.kind == "kmeans" and self.levels != 1:
             raise CodebookError("a kmeans codebook has one level")
-        if self.kind == "pq" and self.dim % self.levels:
+        if self.kind in ("pq", "vq") and self.dim % self.levels:
             raise CodebookError(f"product quantisation: dim {self.dim} does not split into {self.levels} groups")
 
     @property
     def width(self) -> int:
         """d: the width of one centroid."""
-        return self.dim // self.levels if self.kind == "pq" else self.dim
+        return self.dim // self.levels if self.kind in ("pq", "vq") else self.dim
 
 
 class SemanticCodebook(nn.Module):
@@ -71,6 +71,8 @@ class SemanticCodebook(nn.Module):
 
     def __init__(self, info: CodebookInfo, centroids: torch.Tensor) -> None:
         super().__init__()
+        if info.kind not in KINDS:
+            raise CodebookError(f"a semantic codebook file is kmeans, pq or rq, not {info.kind!r}")
         want = (info.levels, info.k, info.width)
         if tuple(centroids.shape) != want:
             raise CodebookError(f"semantic codebook centroids are {tuple(centroids.shape)}, its JSON says {want}")
@@ -244,3 +246,31 @@ def evaluate(cb: SemanticCodebook, tokens: np.ndarray, pooled: np.ndarray | None
     out["codes_used_min"] = min(u["used"] for u in usage)
     out["perplexity_min"] = min(u["perplexity"] for u in usage)
     return out
+
+
+class TrainedSemanticQuantizer(nn.Module):
+    """A checkpoint's own `semantic_quantizer` (MultiCodebookVQ over the semantic tokens: G
+    groups, cosine argmax, fp32) behind the codebook interface: ids (..., G), info.kind "vq"."""
+
+    def __init__(self, vq: nn.Module) -> None:
+        super().__init__()
+        self.vq = vq
+        g = vq.num_codebooks
+        size, width = vq.codebooks[0].codebook.weight.shape
+        self.info = CodebookInfo(kind="vq", k=int(size), levels=g, dim=int(width) * g)
+
+    @property
+    def id_dtype(self) -> str:
+        return "uint16" if self.info.k <= 1 << 16 else "uint32"
+
+    def assign(self, tokens: torch.Tensor) -> torch.Tensor:
+        lead = tokens.shape[:-1]
+        with torch.autocast(device_type=tokens.device.type, enabled=False):
+            ids = self.vq.f_to_idx(tokens.reshape(1, -1, self.info.dim).float())  # (1, G, M)
+        return ids[0].T.reshape(*lead, self.info.levels)
+
+    def ids_to_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """(..., G) -> (..., D): the normalised code vectors (the quantiser's own idx_to_f)."""
+        lead = ids.shape[:-1]
+        flat = ids.reshape(1, -1, self.info.levels).transpose(1, 2).long()
+        return self.vq.idx_to_f(flat)[0].reshape(*lead, self.info.dim)

@@ -100,7 +100,8 @@ class Runner:
         self.layout = self._probe_layout()
 
     def _attach_codebook(self, spec: ModelSpec) -> None:
-        """The run's semantic codebook (if any) onto the device: ids are assigned right after the encoder."""
+        """The run's semantic codebook (if any) onto the device: ids are assigned right after the
+        encoder. Without one, a checkpoint's trained quantiser (if any) makes the ids."""
         from wintok_model.semantic import load_codebook
 
         from ..models import semantic_codebook_path
@@ -108,6 +109,8 @@ class Runner:
         path = semantic_codebook_path(spec.model, spec.semantic_codebook)
         if path is not None:
             self.model.attach_semantic_codebook(load_codebook(path).to(self.device))
+        elif (spec.semantic_codebook or "").lower() == "none":  # not the checkpoint's trained quantiser either
+            self.model.attach_semantic_codebook(None, use_trained=False)
 
     def _probe_layout(self) -> TokenLayout:
         kw: dict[str, Any] = {}
@@ -161,9 +164,10 @@ class Runner:
             out["semantic_pooled"] = F.normalize(enc["pooler_out"].float(), dim=-1).cpu().numpy()
             if self.spec.semantic_tokens:
                 out["semantic_tokens"] = enc["query_tokens"].float().cpu().numpy()
-            if self.model.semantic_codebook is not None:  # fp32, on the device, from the same pass
-                sem_ids = self.model.tokens_to_semantic_ids(enc["query_tokens"])
-                out["semantic_ids"] = sem_ids.to(torch.int64 if self.model.semantic_codebook.info.k > 1 << 31
+            codebook = self.model.semantic_codebook
+            if codebook is not None:  # fp32, on the device, from the same pass
+                sem_ids = codebook.assign(enc["query_tokens"])
+                out["semantic_ids"] = sem_ids.to(torch.int64 if codebook.info.k > 1 << 31
                                                  else torch.int32).cpu().numpy()
         if self.teacher is not None:
             t = self.teacher(images, patch_tokens=self.spec.teacher_patch_tokens)

@@ -315,3 +315,38 @@ def test_fit_needs_semantic_tokens_in_an_output(tiny, tmp_path):
     check_run_file(Storage(out), run_fingerprint(job), job)
     with pytest.raises(FitError, match="--semantic-tokens"):
         fit_semantic_codebook(FitConfig(inputs=(out,), model=ModelSpec(model=model), k=4, sample=4))
+
+
+# ---------------------------------------------------------------------- a checkpoint's own quantiser
+def test_checkpoint_semantic_quantizer_yields_the_column(tmp_path):
+    """A model directory with `semantic_quantizer.*` (4 groups of 16 codes): without a fitted
+    codebook the runner writes its ids, the cosine argmax of each group (numpy, independently);
+    `none` turns them off; the fingerprint says where the ids came from."""
+    from pipeline.config import JobConfig
+    from pipeline.plan import run_fingerprint
+    from pipeline.shard.encode import ModelSpec, Runner
+    from wintok_model import WinTok, get_preset, load_model
+
+    cfg = get_preset("wintok-tiny").replace(semantic_vocab_size=64, semantic_num_codebooks=4)
+    model_dir = str(tmp_path / "m")
+    WinTok(cfg).save_pretrained(model_dir)
+    model = load_model(model_dir)
+    weights = np.stack([cb.codebook.weight.detach().numpy() for cb in model.semantic_quantizer.codebooks])
+    images = _batch(4)
+    r = Runner(ModelSpec(model=model_dir, device="cpu", semantic_tokens=True))
+    assert r.layout.semantic_ids == (cfg.num_latent_tokens, 4) and r.layout.semantic_codes == 16
+    out = r.run(images)
+    tokens = out["semantic_tokens"].reshape(-1, 4, cfg.hidden_size // 4).astype(np.float64)
+    unit = tokens / np.linalg.norm(tokens, axis=-1, keepdims=True)
+    codes = weights / np.linalg.norm(weights, axis=-1, keepdims=True)
+    want = np.einsum("mgd,gkd->mgk", unit, codes).argmax(-1)
+    np.testing.assert_array_equal(out["semantic_ids"].reshape(-1, 4), want)
+    back = model.semantic_ids_to_tokens(torch.from_numpy(out["semantic_ids"]))
+    assert back.shape == (4, cfg.num_latent_tokens, cfg.hidden_size)
+    off = Runner(ModelSpec(model=model_dir, device="cpu", semantic_codebook="none"))
+    assert off.layout.semantic_ids is None and "semantic_ids" not in off.run(images)
+    job = JobConfig(inputs=("x.tar",), output=str(tmp_path / "o"), model=model_dir)
+    assert run_fingerprint(job)["semantic_codebook"] == {"source": "checkpoint", "kind": "vq", "k": 16, "levels": 4}
+    assert "semantic_codebook" not in run_fingerprint(job.replace(semantic_codebook="none"))
+    # models without a quantiser keep the config dict (run fingerprint) they had
+    assert "semantic_vocab_size" not in get_preset("wintok-tiny").to_dict()
