@@ -350,3 +350,23 @@ def test_checkpoint_semantic_quantizer_yields_the_column(tmp_path):
     assert "semantic_codebook" not in run_fingerprint(job.replace(semantic_codebook="none"))
     # models without a quantiser keep the config dict (run fingerprint) they had
     assert "semantic_vocab_size" not in get_preset("wintok-tiny").to_dict()
+
+
+def test_fit_command_user_mistakes_are_one_line(tiny, tmp_path, capsys):
+    from pipeline.cli import EXIT_OK, EXIT_USAGE, main
+
+    model, shards, _ = tiny
+    cases = [(["--model", "wintok-tiny"], "not a model directory: give -o"),
+             ([], "needs --model"),
+             (["--model", model, "--k", "1"], "--k must be >= 2"),
+             (["--model", model, "--codebooks", "3", "-o", str(tmp_path / "c.safetensors")], "does not divide")]
+    for extra, message in cases:
+        assert main(["fit-semantic-codebook", shards[0], *extra]) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    out = str(tmp_path / "ok.safetensors")
+    assert main(["fit-semantic-codebook", *shards, "--model", model, "-o", out, "--k", "4", "--codebooks", "2",
+                 "--sample", "10", "--device", "cpu", "--json"]) == EXIT_OK
+    report = json.loads(capsys.readouterr().out)
+    assert report["kind"] == "pq" and report["levels"] == 2 and report["held_out"]["images"] == 1
+    assert load_codebook(out).info.sample_images == 9
