@@ -80,10 +80,6 @@ class SemanticCodebook(nn.Module):
         self.register_buffer("centroids", centroids.detach().float().contiguous())
         self.register_buffer("sq_norms", self.centroids.square().sum(-1))  # (L, K)
 
-    @property
-    def id_dtype(self) -> str:
-        return "uint16" if self.info.k <= 1 << 16 else "uint32"
-
     def _nearest(self, x: torch.Tensor, level: int) -> torch.Tensor:
         """(M, d) fp32 -> (M,) int64 nearest centroid of `level`: argmin |c|^2 - 2 x.c, in row chunks."""
         c, n = self.centroids[level], self.sq_norms[level]
@@ -258,10 +254,6 @@ class TrainedSemanticQuantizer(nn.Module):
         g = vq.num_codebooks
         size, width = vq.codebooks[0].codebook.weight.shape
         self.info = CodebookInfo(kind="vq", k=int(size), levels=g, dim=int(width) * g)
-
-    @property
-    def id_dtype(self) -> str:
-        return "uint16" if self.info.k <= 1 << 16 else "uint32"
 
     def assign(self, tokens: torch.Tensor) -> torch.Tensor:
         lead = tokens.shape[:-1]

@@ -5,6 +5,8 @@
 definition of the model's input (x / 127.5 - 1). One decoded batch feeds both WinTok and the teacher. Device, precision and memory are
 handled here: uint8 copied once (pinned, non-blocking on CUDA), normalised on the device,
 bf16 autocast on GPUs (the quantiser stays fp32 inside the model), fp32 on CPUs by default.
+Semantic ids (a fitted codebook, or the checkpoint's trained quantiser) are assigned in fp32 on
+the device from the same encoder pass.
 """
 
 from __future__ import annotations
