@@ -214,29 +214,42 @@ def _faiss() -> Any:
 
 # ---------------------------------------------------------------------- report
 @torch.no_grad()
-def evaluate(cb: SemanticCodebook, tokens: np.ndarray, pooled: np.ndarray | None = None) -> dict[str, Any]:
-    """How much the ids lose on (n, N, D) tokens: relative MSE, pooled cosine, code usage."""
-    x = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.float32)).to(cb.centroids.device)
-    ids = cb.assign(x)
-    q = cb.ids_to_tokens(ids)
-    err = (x - q).square().sum().item()
-    total = x.square().sum().item()
-    centred = (x - x.reshape(-1, x.shape[-1]).mean(0)).square().sum().item()
+def evaluate(cb: SemanticCodebook, tokens: np.ndarray, pooled: np.ndarray | None = None,
+             chunk: int = 1024) -> dict[str, Any]:
+    """How much the ids lose on (n, N, D) tokens: relative MSE, pooled cosine, code usage
+    (`chunk` images at a time: memory stays bounded for a large sample)."""
+    n, _, dim = tokens.shape
+    err = total = 0.0
+    sums = np.zeros(dim)
+    counts = torch.zeros(cb.info.levels, cb.info.k, dtype=torch.float64)
+    cos: list[torch.Tensor] = []
+    for i in range(0, n, chunk):
+        x = torch.from_numpy(np.ascontiguousarray(tokens[i:i + chunk], dtype=np.float32)).to(cb.centroids.device)
+        ids = cb.assign(x)
+        q = cb.ids_to_tokens(ids)
+        err += (x - q).double().square().sum().item()
+        total += x.double().square().sum().item()
+        sums += x.double().sum(dim=(0, 1)).cpu().numpy()
+        flat = ids.reshape(-1, cb.info.levels).cpu()
+        for level in range(cb.info.levels):
+            counts[level] += torch.bincount(flat[:, level], minlength=cb.info.k).double()
+        if pooled is not None:
+            p = torch.from_numpy(np.asarray(pooled[i:i + chunk], np.float32)).to(q.device)
+            cos.append(torch.nn.functional.cosine_similarity(q.mean(dim=1), p, dim=-1).cpu())
+    m = n * tokens.shape[1]
+    centred = total - float(np.square(sums).sum()) / max(m, 1)  # sum |x - mean|^2
     out: dict[str, Any] = {
-        "images": int(x.shape[0]), "vectors": int(x.shape[0] * x.shape[1]),
+        "images": int(n), "vectors": int(m),
         "relative_mse": err / max(total, 1e-30),            # |x - q|^2 / |x|^2
         "unexplained_variance": err / max(centred, 1e-30),  # |x - q|^2 / |x - mean|^2
     }
-    if pooled is not None:
-        p = torch.nn.functional.normalize(torch.from_numpy(np.asarray(pooled, np.float32)).to(q.device), dim=-1)
-        cos = torch.nn.functional.cosine_similarity(q.mean(dim=1), p, dim=-1)
-        out["pooled_cosine_mean"], out["pooled_cosine_min"] = cos.mean().item(), cos.min().item()
+    if cos:
+        c = torch.cat(cos)
+        out["pooled_cosine_mean"], out["pooled_cosine_min"] = c.mean().item(), c.min().item()
     usage = []
-    flat = ids.reshape(-1, cb.info.levels).cpu()
     for level in range(cb.info.levels):
-        counts = torch.bincount(flat[:, level], minlength=cb.info.k).double()
-        prob = counts[counts > 0] / counts.sum()
-        usage.append({"used": float((counts > 0).double().mean()),
+        prob = counts[level][counts[level] > 0] / counts[level].sum()
+        usage.append({"used": float((counts[level] > 0).double().mean()),
                       "perplexity": float(torch.exp(-(prob * prob.log()).sum()))})
     out["code_usage"] = usage
     out["codes_used_min"] = min(u["used"] for u in usage)

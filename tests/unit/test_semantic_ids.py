@@ -370,3 +370,26 @@ def test_fit_command_user_mistakes_are_one_line(tiny, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["kind"] == "pq" and report["levels"] == 2 and report["held_out"]["images"] == 1
     assert load_codebook(out).info.sample_images == 9
+
+
+def test_report_numbers_against_numpy_and_chunking():
+    from wintok_model.semantic import evaluate
+
+    rng = np.random.default_rng(13)
+    cents = rng.normal(size=(1, 5, 6)).astype(np.float32)
+    cb = SemanticCodebook(CodebookInfo(kind="kmeans", k=5, levels=1, dim=6), torch.from_numpy(cents))
+    x = rng.normal(size=(7, 3, 6)).astype(np.float32) + 2
+    pooled = rng.normal(size=(7, 6)).astype(np.float32)
+    ids = _numpy_ids("kmeans", cents, x.reshape(-1, 6))[:, 0]
+    q = cents[0][ids].reshape(7, 3, 6).astype(np.float64)
+    err = np.square(x - q).sum()
+    qm = q.mean(1)
+    cos = (qm * pooled).sum(1) / np.linalg.norm(qm, axis=1) / np.linalg.norm(pooled, axis=1)
+    p = np.bincount(ids, minlength=5) / len(ids)
+    for chunk in (1024, 3):
+        r = evaluate(cb, x, pooled, chunk=chunk)
+        assert r["relative_mse"] == pytest.approx(err / np.square(x).sum(), rel=1e-5)
+        assert r["unexplained_variance"] == pytest.approx(err / np.square(x - x.reshape(-1, 6).mean(0)).sum(), rel=1e-5)
+        assert r["pooled_cosine_mean"] == pytest.approx(cos.mean(), rel=1e-5)
+        assert r["codes_used_min"] == pytest.approx((p > 0).mean())
+        assert r["perplexity_min"] == pytest.approx(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()), rel=1e-6)
