@@ -1,4 +1,4 @@
-"""`wintok` command line: tokenize, embed, status, convert-checkpoint, demo."""
+"""`wintok` command line: tokenize, embed, status, convert-checkpoint, fit-semantic-codebook, demo."""
 
 from __future__ import annotations
 
@@ -208,6 +208,33 @@ def cmd_convert(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_fit_semantic(a: argparse.Namespace) -> int:
+    from .config import JobConfigError
+    from .io import s3_options
+    from .semantic import FitConfig, fit_semantic_codebook
+    from .shard.encode import ModelSpec
+
+    if a.model is None:
+        raise JobConfigError("fit-semantic-codebook needs --model: the model tokenize will run (a model "
+                             "directory, an official .pth, or a preset)")
+    spec = ModelSpec(model=a.model, encoder_config=a.encoder_config, allow_pickle=bool(a.allow_pickle),
+                     dtype=a.dtype or "auto", device=a.device or "auto")
+    cfg = FitConfig(inputs=tuple(a.inputs), model=spec, output=a.o, k=a.k, groups=a.codebooks, depth=a.depth,
+                    sample=a.sample, seed=a.seed, holdout=a.holdout, batch_size=a.batch_size or 64,
+                    storage=s3_options(a.s3_endpoint_url, a.s3_profile, bool(a.s3_anon)))
+    report = fit_semantic_codebook(cfg)
+    if a.json:
+        print(json.dumps(report, indent=1))
+    else:
+        part = report.get("held_out", report["fit"])
+        print(f"wrote {report['codebook']} ({report['kind']}, k={report['k']} x {report['levels']}) from "
+              f"{report['sample_images']} images in {report['seconds']['total']:.1f} s; "
+              f"{'held-out' if 'held_out' in report else 'fit'}: relative MSE {part['relative_mse']:.4f}, "
+              f"pooled cosine {part.get('pooled_cosine_mean', float('nan')):.4f}, "
+              f"codes used {part['codes_used_min']:.1%}, perplexity {part['perplexity_min']:.0f}")
+    return EXIT_OK
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -267,6 +294,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(c, "encoder_config")
     add_option(c, "allow_pickle")
     c.set_defaults(func=cmd_convert)
+    f = sub.add_parser("fit-semantic-codebook", help="fit discrete semantic ids (k-means / PQ / RQ codebook) "
+                                                     "on a corpus sample, for tokenize's semantic_ids")
+    f.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="input shards (as tokenize takes them), or one OUTPUT of `tokenize --semantic-tokens`")
+    f.add_argument("-o", metavar="CODEBOOK", default=None,
+                   help="codebook file to write (.safetensors; its .json and .report.json beside it); default: "
+                        "semantic_codebook.safetensors in the model directory, which tokenize then uses")
+    f.add_argument("--k", type=int, default=4096, help="codes per codebook (default 4096)")
+    g = f.add_mutually_exclusive_group()
+    g.add_argument("--codebooks", type=int, default=1, metavar="G",
+                   help="product quantisation: split the token into G groups, k codes each (default 1)")
+    g.add_argument("--depth", type=int, default=1, metavar="R",
+                   help="residual quantisation: R levels of k codes (default 1)")
+    f.add_argument("--sample", type=int, default=10_000, help="images to sample (default 10000)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the sample and of k-means (default 0)")
+    f.add_argument("--holdout", type=float, default=0.1,
+                   help="share of the sampled images kept out of the fit and reported apart (default 0.1)")
+    f.add_argument("--json", action="store_true", help="print the report as JSON")
+    for option in ("model", "encoder_config", "allow_pickle", "dtype", "device", "batch_size",
+                   "s3_endpoint_url", "s3_profile", "s3_anon"):
+        add_option(f, option)
+    f.set_defaults(func=cmd_fit_semantic)
     d = sub.add_parser("demo", help="make a small photo corpus and tokenize it on a local Ray (CPU ok)")
     d.add_argument("--dir", default="wintok_demo", help="folder for the demo corpus and output (default wintok_demo)")
     d.add_argument("--workers", type=int, default=None, help="CPU workers (default: one per 4 CPUs)")
@@ -279,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
 _USER_ERRORS = (("pipeline.config", "JobConfigError"), ("pipeline.train", "TrainConfigError"), ("pipeline.io", "InputError"),
                 ("pipeline.status", "OutputError"),
                 ("pipeline.lease_file", "LeaseError"), ("pipeline.driver", "RunRefused"),
-                ("wintok_model.checkpoint", "CheckpointError"), ("wintok_model.config", "ConfigError"),
+                ("wintok_model.checkpoint", "CheckpointError"), ("pipeline.plan", "RunRefused"), ("wintok_model.config", "ConfigError"),
                 ("braceexpand", "UnbalancedBracesError"))
 
 

@@ -57,6 +57,10 @@ class JobConfig:
                                 tokenizer=True)
     dtype: str = option("auto", "auto: bf16 on GPU, fp32 on CPU", choices=DTYPES, tokenizer=True)
     semantic_tokens: bool = option(False, "also store the (N, D) semantic tokens (large)", tokenizer=True)
+    semantic_codebook: str | None = option(None, "semantic codebook file (`wintok fit-semantic-codebook`): write "
+                                                 "semantic_ids with it; default: the model directory's "
+                                                 "semantic_codebook.safetensors if present; none: no semantic ids",
+                                           tokenizer=True, metavar="CODEBOOK")
     teacher: str | None = option(None, "teacher model folder or model id in the local HF cache "
                                        "(its pooled embedding is stored next to the tokens)")
     teacher_dtype: str = option("auto", "precision of the teacher; auto: bf16 on GPU, fp32 on CPU", choices=DTYPES)

@@ -70,3 +70,27 @@ def localize(spec: str | None, storage: StorageOptions | None = None) -> str | N
         elif os.path.exists(tmp):
             os.unlink(tmp)
     return dest
+
+
+def semantic_codebook_path(model: str | None, option: str | None) -> str | None:
+    """The local semantic codebook a run uses, or None: `option` (a path or URL; "none": no
+    codebook) or, when not given, the model directory's own codebook if it has one. `model`
+    is the local (localized) model path."""
+    from wintok_model.semantic import CODEBOOK_NAME, info_path
+
+    if option is not None and option.lower() == "none":
+        return None
+    if option is None:
+        found = os.path.join(model, CODEBOOK_NAME) if model and os.path.isdir(model) else None
+        return found if found and os.path.isfile(found) else None
+    if "://" in option and not option.startswith("file://"):
+        from wintok_model.semantic import CodebookError
+
+        raise CodebookError(f"--semantic-codebook {redact_url(option)}: give a local file; on a cluster, "
+                            f"put it into the model directory as {CODEBOOK_NAME} (the model URL brings it along)")
+    path = localize(option)
+    if not (os.path.isfile(path) and os.path.isfile(info_path(path))):
+        from wintok_model.semantic import CodebookError
+
+        raise CodebookError(f"semantic codebook {path} not found (it needs its .json beside it)")
+    return path

@@ -32,6 +32,7 @@ def storage_options(cfg: JobConfig) -> StorageOptions:
 def model_spec(cfg: JobConfig) -> ModelSpec:
     return ModelSpec(model=cfg.model, encoder_config=cfg.encoder_config, allow_pickle=cfg.allow_pickle,
                      dtype=cfg.dtype, device=cfg.device, semantic_tokens=cfg.semantic_tokens,
+                     semantic_codebook=cfg.semantic_codebook,
                      teacher=cfg.teacher, teacher_dtype=cfg.teacher_dtype,
                      teacher_patch_tokens=cfg.teacher_patch_tokens, compile=cfg.compile)
 
@@ -72,7 +73,35 @@ def run_fingerprint(cfg: JobConfig) -> dict[str, Any]:
                         "pixels_version": PIXELS_VERSION}
     fp["dtype"] = cfg.dtype
     fp["semantic_tokens"] = cfg.semantic_tokens
+    if model:
+        codebook = _semantic_codebook_identity(model, cfg, fp["model"])
+        if codebook:  # only then: runs without one keep the fingerprint they always had
+            fp["semantic_codebook"] = codebook
     return fp
+
+
+def _semantic_codebook_identity(model: str, cfg: JobConfig, model_fp: dict[str, Any]) -> dict[str, Any] | None:
+    """The codebook's sha256 and shape, checked against the model; None without one."""
+    from wintok_model.semantic import CodebookError, codebook_sha256, read_info
+
+    from .models import semantic_codebook_path
+
+    try:
+        path = semantic_codebook_path(model, cfg.semantic_codebook)
+        config = model_fp["config"]
+        if path is None:  # the checkpoint's trained quantiser, unless turned off
+            if not config.get("semantic_vocab_size") or (cfg.semantic_codebook or "").lower() == "none":
+                return None
+            g = config["semantic_num_codebooks"]
+            return {"source": "checkpoint", "kind": "vq", "k": config["semantic_vocab_size"] // g, "levels": g}
+        info = read_info(path)
+    except CodebookError as e:
+        raise RunRefused(str(e)) from None
+    if info.dim != config["hidden_size"] or (info.model_sha256 and info.model_sha256 != model_fp["sha256"]):
+        raise RunRefused(f"semantic codebook {path} was fitted for another model (dim {info.dim}, weights "
+                         f"{info.model_sha256[:12] or '?'}; this model: dim {model_fp['config']['hidden_size']}, "
+                         f"weights {model_fp['sha256'][:12]}): fit one for this model, or --semantic-codebook none")
+    return {"source": "file", "sha256": codebook_sha256(path), "kind": info.kind, "k": info.k, "levels": info.levels}
 
 
 def _teacher_identity(spec: str) -> dict[str, Any]:

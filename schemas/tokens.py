@@ -22,6 +22,8 @@ class TokenLayout:
     pixel_ids: tuple[int, ...] | None = None         # (C, H, W) per-codebook ids
     semantic_dim: int | None = None                   # D of semantic_pooled
     semantic_tokens: tuple[int, int] | None = None    # (N, D), optional
+    semantic_ids: tuple[int, int] | None = None       # (N, G or R) codebook ids, optional
+    semantic_codes: int = 1 << 16                     # codes per group / level: uint16 up to 65536, else uint32
     teacher_dim: int | None = None                    # Dt of teacher_embedding
     teacher_patch_tokens: tuple[int, int] | None = None  # (Np, Dp), optional
 
@@ -46,6 +48,9 @@ def tokens_schema(layout: TokenLayout, fingerprint: dict[str, Any] | None = None
         fields.append(tensor_field("semantic_pooled", pa.float16(), (layout.semantic_dim,)))
     if layout.semantic_tokens is not None:
         fields.append(tensor_field("semantic_tokens", pa.float16(), layout.semantic_tokens))
+    if layout.semantic_ids is not None:
+        id_type = pa.uint16() if layout.semantic_codes <= 1 << 16 else pa.uint32()
+        fields.append(tensor_field("semantic_ids", id_type, layout.semantic_ids))
     if layout.teacher_dim is not None:
         fields.append(tensor_field("teacher_embedding", pa.float16(), (layout.teacher_dim,)))
     if layout.teacher_patch_tokens is not None:

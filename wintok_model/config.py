@@ -44,6 +44,10 @@ class WinTokConfig:
     decoder_hidden_size: int = 1152
     decoder_intermediate_size: int = 4304
     decoder_layer_norm_eps: float = 1e-6
+    # a trained semantic quantiser (`semantic_quantizer.*`): multi-codebook over the semantic
+    # tokens, cosine argmax like the pixel one; 0 = none (ids then come from a fitted codebook)
+    semantic_vocab_size: int = 0
+    semantic_num_codebooks: int = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -55,6 +59,9 @@ class WinTokConfig:
             problems.append("decoder_hidden_size not divisible by decoder_num_heads")
         if self.vocab_size % self.num_codebooks or self.vocab_width % self.num_codebooks:
             problems.append("vocab_size and vocab_width must both divide by num_codebooks")
+        if self.semantic_vocab_size and (self.semantic_vocab_size % self.semantic_num_codebooks
+                                         or self.hidden_size % self.semantic_num_codebooks):
+            problems.append("semantic_vocab_size and hidden_size must both divide by semantic_num_codebooks")
         if self.vocab_size // self.num_codebooks > 65536:
             problems.append("codebook size above 65536 does not fit the uint16 id column")
         small, big = sorted((self.hidden_size, self.vocab_width))
@@ -78,7 +85,10 @@ class WinTokConfig:
         return self.vocab_size // self.num_codebooks
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.semantic_vocab_size:  # models without one keep the dict (and run fingerprint) they had
+            del d["semantic_vocab_size"], d["semantic_num_codebooks"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WinTokConfig:

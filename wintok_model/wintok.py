@@ -73,6 +73,8 @@ class WinTok(nn.Module):
         self.post_quant_proj = AttnProjection(c.vocab_width, c.hidden_size, c.num_codebooks)
         self.fc_norm = nn.LayerNorm(c.hidden_size, eps=1e-6)
         self.projection = nn.Linear(c.hidden_size, c.hidden_size)
+        if c.semantic_vocab_size:
+            self.semantic_quantizer = MultiCodebookVQ(c.semantic_vocab_size, c.hidden_size, c.semantic_num_codebooks)
         # decoder
         d = c.decoder_hidden_size
         self.decode_task_layer_1 = nn.Sequential(nn.Linear(c.hidden_size, d), nn.Tanh(), nn.Linear(d, d))
@@ -109,6 +111,9 @@ class WinTok(nn.Module):
             torch.from_numpy(sincos_1d(c.hidden_size, np.arange(c.num_latent_tokens))).float()
         )
         self.decoder_rec_pos_embed.copy_(torch.from_numpy(sincos_2d(c.decoder_hidden_size, c.grid_size)).float())
+        if c.semantic_vocab_size:  # drawn last: the other weights stay what they were
+            for cb in self.semantic_quantizer.codebooks:
+                cb.codebook.weight.copy_(torch.randn(cb.codebook.weight.shape, generator=gen))
 
     # ---------------------------------------------------------------- encoder
     def _encode_hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,6 +153,39 @@ class WinTok(nn.Module):
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised pooled semantic embedding (B, D)."""
         return F.normalize(self.encode(x, with_quant=False)["pooler_out"].float(), dim=-1)
+
+    # ---------------------------------------------------------------- semantic ids
+    @property
+    def semantic_codebook(self) -> nn.Module | None:
+        """What makes semantic ids: the attached fitted codebook
+        (:class:`~wintok_model.semantic.SemanticCodebook`), else the checkpoint's trained
+        quantiser (:class:`~wintok_model.semantic.TrainedSemanticQuantizer`), else None."""
+        attached = self.__dict__.get("_semantic_codebook")
+        if attached is not None or not self.config.semantic_vocab_size or self.__dict__.get("_no_semantic_ids"):
+            return attached
+        from .semantic import TrainedSemanticQuantizer
+
+        return TrainedSemanticQuantizer(self.semantic_quantizer)
+
+    def attach_semantic_codebook(self, codebook: nn.Module | None, use_trained: bool = True) -> None:
+        """Use `codebook` for semantic ids (None: the checkpoint's trained quantiser if it has one
+        and `use_trained`). Kept out of the state dict (it is its own file) and out of `.to()`:
+        move it with ``codebook.to(device)`` before attaching."""
+        self.__dict__["_semantic_codebook"] = codebook
+        self.__dict__["_no_semantic_ids"] = not use_trained
+
+    def _codebook(self) -> nn.Module:
+        if self.semantic_codebook is None:
+            raise ValueError("no semantic codebook attached: attach_semantic_codebook(load_codebook(path)) first")
+        return self.semantic_codebook
+
+    def tokens_to_semantic_ids(self, query_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) semantic tokens (encode()['query_tokens']) -> (B, N, G or R) int64 ids, in fp32."""
+        return self._codebook().assign(query_tokens)
+
+    def semantic_ids_to_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, N, G or R) semantic ids -> (B, N, D) fp32 quantised semantic tokens."""
+        return self._codebook().ids_to_tokens(ids)
 
     # ---------------------------------------------------------------- decoder
     def decode(self, quant: torch.Tensor) -> dict[str, torch.Tensor]:

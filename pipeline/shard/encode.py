@@ -5,6 +5,8 @@
 definition of the model's input (x / 127.5 - 1). One decoded batch feeds both WinTok and the teacher. Device, precision and memory are
 handled here: uint8 copied once (pinned, non-blocking on CUDA), normalised on the device,
 bf16 autocast on GPUs (the quantiser stays fp32 inside the model), fp32 on CPUs by default.
+Semantic ids (a fitted codebook, or the checkpoint's trained quantiser) are assigned in fp32 on
+the device from the same encoder pass.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class ModelSpec:
     dtype: str = "auto"                     # auto = bf16 on CUDA, fp32 on CPU
     device: str = "auto"                    # auto | cpu | cuda
     semantic_tokens: bool = False           # also store the (N, D) semantic tokens
+    semantic_codebook: str | None = None    # as JobConfig.semantic_codebook (None: the model dir's, if any)
     teacher: str | None = None
     teacher_dtype: str = "auto"
     teacher_patch_tokens: bool = False
@@ -86,6 +89,7 @@ class Runner:
         if spec.model:
             self.model = load_wintok(spec).to(self.device).eval()
             self.model.requires_grad_(False)
+            self._attach_codebook(spec)
             self._encode = torch.compile(self.model.encode, dynamic=False) if spec.compile else self.model.encode
         if spec.teacher:
             from wintok_model.teachers import load_teacher
@@ -97,6 +101,19 @@ class Runner:
         self.image_size = self.model.config.image_size if self.model else self.teacher.spec.image_size
         self.layout = self._probe_layout()
 
+    def _attach_codebook(self, spec: ModelSpec) -> None:
+        """The run's semantic codebook (if any) onto the device: ids are assigned right after the
+        encoder. Without one, a checkpoint's trained quantiser (if any) makes the ids."""
+        from wintok_model.semantic import load_codebook
+
+        from ..models import semantic_codebook_path
+
+        path = semantic_codebook_path(spec.model, spec.semantic_codebook)
+        if path is not None:
+            self.model.attach_semantic_codebook(load_codebook(path).to(self.device))
+        elif (spec.semantic_codebook or "").lower() == "none":  # not the checkpoint's trained quantiser either
+            self.model.attach_semantic_codebook(None, use_trained=False)
+
     def _probe_layout(self) -> TokenLayout:
         kw: dict[str, Any] = {}
         if self.model is not None:
@@ -105,6 +122,9 @@ class Runner:
             kw["semantic_dim"] = c.hidden_size
             if self.spec.semantic_tokens:
                 kw["semantic_tokens"] = (c.num_latent_tokens, c.hidden_size)
+            if self.model.semantic_codebook is not None:
+                info = self.model.semantic_codebook.info
+                kw["semantic_ids"], kw["semantic_codes"] = (c.num_latent_tokens, info.levels), info.k
         if self.teacher is not None:
             probe = torch.zeros(1, self.image_size, self.image_size, 3, dtype=torch.uint8, device=self.device)
             out = self.teacher(probe, patch_tokens=self.spec.teacher_patch_tokens)
@@ -146,6 +166,11 @@ class Runner:
             out["semantic_pooled"] = F.normalize(enc["pooler_out"].float(), dim=-1).cpu().numpy()
             if self.spec.semantic_tokens:
                 out["semantic_tokens"] = enc["query_tokens"].float().cpu().numpy()
+            codebook = self.model.semantic_codebook
+            if codebook is not None:  # fp32, on the device, from the same pass
+                sem_ids = codebook.assign(enc["query_tokens"])
+                out["semantic_ids"] = sem_ids.to(torch.int64 if codebook.info.k > 1 << 31
+                                                 else torch.int32).cpu().numpy()
         if self.teacher is not None:
             t = self.teacher(images, patch_tokens=self.spec.teacher_patch_tokens)
             out["teacher_embedding"] = t["embedding"].float().cpu().numpy()

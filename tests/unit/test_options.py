@@ -19,7 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Fields with no flag, on purpose: given positionally (INPUT...) or tuning knobs for job files only.
 POSITIONAL = {"inputs"}
 JOB_ONLY = {"prefetch", "row_group_rows", "gpus_per_worker", "retry_backoff_max", "stop_grace", "lease_ttl"}
-TOKENIZER_ONLY = {"model", "encoder_config", "allow_pickle", "dtype", "semantic_tokens"}
+TOKENIZER_ONLY = {"model", "encoder_config", "allow_pickle", "dtype", "semantic_tokens", "semantic_codebook"}
 # Flags of tokenize that are not JobConfig fields.
 NOT_FIELDS = {"help", "paths", "job", "json", "no_tokenizer"}
 
