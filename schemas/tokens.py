@@ -103,3 +103,8 @@ def column_to_numpy(table: pa.Table, name: str) -> np.ndarray:
     """A fixed_shape_tensor column back as one (n, *shape) ndarray."""
     col = table.column(name).combine_chunks()
     return col.to_numpy_ndarray()
+
+
+def tensor_shapes(schema: pa.Schema) -> dict[str, tuple[int, ...]]:
+    """{name: per-row shape} of the schema's tensor columns, whatever their storage layout."""
+    return {f.name: tuple(f.type.shape) for f in schema if isinstance(f.type, pa.FixedShapeTensorType)}
