@@ -91,17 +91,22 @@ class TokenDataset(IterableDataset):
     `rank`/`world_size`: default from torch.distributed when it is initialised, else 0 / 1.
     `equal`: None, "truncate" or "pad" (see the module doc). `flat`: one `tokens` sequence per
     image (FLAT_LAYOUT); `codebook_size` defaults to the run fingerprint's model config,
-    `semantic_codebook_size` must be given when the rows have `semantic_ids`.
+    `semantic_codebook_size` must be given when the rows have `semantic_ids`. `batch_size`: yield
+    batches (dicts of stacked tensors and lists) of that many rows, the last one of a worker's
+    slice shorter; use with `DataLoader(ds, batch_size=None)`: several times faster than the
+    DataLoader collating single rows (benchmarks/RESULTS.md), same rows in the same order.
     """
 
     def __init__(self, source: str | Sequence[str], columns: Sequence[str] | None = None, *,
                  storage: StorageOptions | None = None, shuffle: bool = False, seed: int = 0,
                  buffer_size: int = 2048, rank: int | None = None, world_size: int | None = None,
                  equal: str | None = None, flat: bool = False, codebook_size: int | None = None,
-                 semantic_codebook_size: int | None = None) -> None:
+                 semantic_codebook_size: int | None = None, batch_size: int | None = None) -> None:
         super().__init__()
         if equal not in EQUAL_MODES:
             raise ValueError(f"equal must be one of {EQUAL_MODES}, not {equal!r}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be at least 1, not {buffer_size}")
         out = Output(source, storage) if isinstance(source, str) else Output.of_files(list(source), storage)
@@ -119,7 +124,7 @@ class TokenDataset(IterableDataset):
         self.columns = list(dict.fromkeys(columns))
         self.shuffle, self.seed, self.buffer_size, self.equal = shuffle, seed, buffer_size, equal
         self._rank, self._world = rank, world_size
-        self.flat = flat
+        self.flat, self.batch_size = flat, batch_size
         self.codebook_size = self.semantic_codebook_size = None
         if flat:
             self._init_flat(out, codebook_size, semantic_codebook_size)
@@ -258,30 +263,33 @@ class TokenDataset(IterableDataset):
         return out
 
     def _columns(self, table: pa.Table) -> dict[str, Any]:
+        """A window's columns as numpy arrays (tensor and integer columns) or lists (the rest).
+
+        Gathering and flattening run in numpy, and torch only wraps the results: torch's
+        intra-op threads made a 64-row gather 30x slower on a busy 2-vCPU machine."""
         cols: dict[str, Any] = {}
         for name in self.columns:
             if name in self.shapes:
                 arr = column_to_numpy(table, name)
-                is_int = np.issubdtype(arr.dtype, np.integer)
-                cols[name] = torch.from_numpy(arr.astype(np.int64 if is_int else np.float32))
+                cols[name] = arr.astype(np.int64 if np.issubdtype(arr.dtype, np.integer) else np.float32)
             elif pa.types.is_integer(table.schema.field(name).type):
-                cols[name] = torch.from_numpy(table.column(name).to_numpy().astype(np.int64))
+                cols[name] = table.column(name).to_numpy().astype(np.int64)
             else:
                 cols[name] = table.column(name).to_pylist()
         if self.flat:
             cols["tokens"] = self._flatten(cols.pop("pixel_ids"), cols.pop("semantic_ids", None))
         return cols
 
-    def _flatten(self, pixel: torch.Tensor, semantic: torch.Tensor | None) -> torch.Tensor:
-        """FLAT_LAYOUT for a batch: pixel (n, C, H, W), semantic (n, N, G) -> (n, L) int64."""
+    def _flatten(self, pixel: np.ndarray, semantic: np.ndarray | None) -> np.ndarray:
+        """FLAT_LAYOUT for a window: pixel (n, C, H, W), semantic (n, N, G) -> (n, L) int64."""
         n, c = pixel.shape[:2]
         k = self.codebook_size
-        seq = (pixel + torch.arange(c).view(1, c, 1, 1) * k).permute(0, 2, 3, 1).reshape(n, -1)
+        seq = (pixel + np.arange(c).reshape(1, c, 1, 1) * k).transpose(0, 2, 3, 1).reshape(n, -1)
         if semantic is None:
-            return seq.contiguous()
+            return np.ascontiguousarray(seq)
         g, s = semantic.shape[-1], self.semantic_codebook_size
-        sem = (semantic + c * k + torch.arange(g).view(1, 1, g) * s).reshape(n, -1)
-        return torch.cat([sem, seq], dim=1)
+        sem = (semantic + c * k + np.arange(g).reshape(1, 1, g) * s).reshape(n, -1)
+        return np.concatenate([sem, seq], axis=1)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """A new pass (the state counts from here), or the rest of a restored one."""
@@ -293,19 +301,49 @@ class TokenDataset(IterableDataset):
     def _rows(self, epoch: int, skip: int) -> Iterator[dict[str, Any]]:
         lo, hi = self._worker_range(epoch)
         pieces = self._pieces(self._order(epoch), lo, hi)
-        b = self.buffer_size
+        b, waiting = self.buffer_size, 0
+        pending: list[tuple[dict[str, Any], np.ndarray]] = []
         for w0 in range(skip // b * b, hi - lo, b):
             table = pa.concat_tables([self._read(p) for p in self._window(pieces, w0, min(w0 + b, hi - lo))])
             n = table.num_rows
             perm = np.arange(n)
             if self.shuffle:
                 perm = np.random.default_rng([self.seed, epoch, lo + w0]).permutation(n)
-            cols = self._columns(table)
-            for j in perm[max(0, skip - w0):]:
-                row = {k: v[j] for k, v in cols.items()}
-                self._yielded += 1
-                yield row
+            cols, idx = self._columns(table), perm[max(0, skip - w0):]
+            if self.batch_size is None:
+                for j in idx.tolist():
+                    row = {k: torch.as_tensor(v[j]) if isinstance(v, np.ndarray) else v[j] for k, v in cols.items()}
+                    self._yielded += 1
+                    yield row
+                continue
+            pending.append((cols, idx))
+            waiting += len(idx)
+            while waiting >= self.batch_size:
+                waiting -= self.batch_size
+                yield self._batch(pending, self.batch_size)
+        if waiting:
+            yield self._batch(pending, waiting)
         self._open.clear()
+
+    def _batch(self, pending: list[tuple[dict[str, Any], np.ndarray]], n: int) -> dict[str, Any]:
+        """The next n rows of `pending` (window columns, row indices) as one batch."""
+        parts = []
+        while n:
+            cols, idx = pending[0]
+            parts.append((cols, idx[:n]))
+            n -= len(parts[-1][1])
+            if len(idx) > len(parts[-1][1]):
+                pending[0] = (cols, idx[len(parts[-1][1]):])
+            else:
+                pending.pop(0)
+        out: dict[str, Any] = {}
+        for k, v in parts[0][0].items():
+            if isinstance(v, np.ndarray):
+                out[k] = torch.from_numpy(np.concatenate([np.take(c[k], i, axis=0) for c, i in parts]))
+            else:
+                out[k] = [c[k][j] for c, i in parts for j in i.tolist()]
+        self._yielded += len(out[k])
+        return out
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:

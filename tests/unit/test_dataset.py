@@ -200,3 +200,21 @@ def test_readme_snippet_runs(out):
     scope = {"OUTPUT": out, "EPOCHS": 2}
     exec(compile(snippet, "README snippet", "exec"), scope)
     assert scope["seen"] == 2 * 30
+
+
+def test_batches_hold_the_same_rows_in_the_same_order_and_resume(out, table):
+    def ds(**kw):
+        return TokenDataset(out, ["key", "pixel_ids"], shuffle=True, seed=4, buffer_size=4, **kw)
+
+    rows = list(ds())
+    batches = list(DataLoader(ds(batch_size=7), batch_size=None))
+    assert [len(b["key"]) for b in batches] == [7, 7, 7, 7, 2]
+    assert keys(batches) == [r["key"] for r in rows]
+    np.testing.assert_array_equal(torch.cat([b["pixel_ids"] for b in batches]).numpy(),
+                                  torch.stack([r["pixel_ids"] for r in rows]).numpy())
+    first = ds(batch_size=7)
+    it = iter(first)
+    head = [next(it), next(it)]
+    second = ds(batch_size=7)
+    second.load_state_dict(first.state_dict())
+    assert keys(head) + keys(second) == keys(batches)
