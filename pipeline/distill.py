@@ -15,11 +15,14 @@ mode), so `image` is exactly what the teacher saw.
 A sample with no cached row (its input shard is not committed, or the pipeline recorded it in
 errors/) is not yielded; it is counted in `missing` (per input shard in `missing_by_shard`) and
 a warning names the shard and the count when its shard ends. `joined` counts the samples yielded.
-With DataLoader workers each worker counts (and logs) its own shards.
+With DataLoader workers each worker counts (and logs) its own shards. Object-store input URLs
+(s3://...) are opened by pipeline/io.py (retries, the dataset's storage options) through
+webdataset's opener table.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import Counter, OrderedDict
@@ -32,7 +35,7 @@ from torch.utils.data import IterableDataset
 
 from schemas import column_to_numpy
 
-from .io import StorageOptions
+from .io import OBJECT_STORES, StorageOptions, open_input
 from .output import Output, OutputError, ShardFile, open_parquet
 from .preprocess import PreprocessConfig, decode_image
 from .shard.samples import IMAGE_EXTS
@@ -42,6 +45,23 @@ log = logging.getLogger("wintok")
 
 def _norm(url: str) -> str:
     return os.path.abspath(url) if "://" not in url else url
+
+
+def _open(url: str, mode: str = "rb", bufsize: int = 8192, *, opts: StorageOptions | None = None,
+          **kw: Any) -> Any:
+    """webdataset's opener for object-store URLs: the pipeline's retrying stream (pipeline/io.py)."""
+    return open_input(url, opts)
+
+
+def _use_our_opener(opts: StorageOptions | None) -> None:
+    """webdataset opens s3:// (gs://, az://...) only through `pipe:`; give it pipeline/io.py's stream
+    for the schemes it has no opener of (an opener the user registered is left alone)."""
+    from webdataset.gopen import gopen_schemes
+
+    for proto in OBJECT_STORES:
+        current = gopen_schemes.get(proto)
+        if current is None or getattr(current, "func", None) is _open:
+            gopen_schemes[proto] = functools.partial(_open, opts=opts)
 
 
 class DistillDataset(IterableDataset):
@@ -118,6 +138,7 @@ class DistillDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         import webdataset as wds
 
+        _use_our_opener(self.opts)
         ds = wds.WebDataset(self.urls, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
                             shardshuffle=self.shardshuffle, seed=self.seed, empty_check=False)
         current = None

@@ -15,8 +15,11 @@ from tests import corpus
 
 
 def build_output(root: Path, sizes: list[int], teacher: str | None = None, broken: dict[int, int] | None = None,
-                 row_group_rows: int = 3, uncommitted: int = 0) -> dict:
-    """{'output', 'inputs' (committed shards' urls), 'extra' (uncommitted input urls), 'plan'}."""
+                 row_group_rows: int = 3, uncommitted: int = 0, s3: tuple | None = None) -> dict:
+    """{'output', 'inputs' (committed shards' urls), 'extra' (uncommitted input urls), 'plan'}.
+
+    `s3`: (s3fs filesystem, "bucket/prefix", endpoint URL): the tars are uploaded there and the
+    run reads them and writes its OUTPUT there, as `wintok tokenize s3://...` does."""
     from pipeline.config import JobConfig
     from pipeline.io import Storage
     from pipeline.plan import check_run_file, model_spec, plan, run_fingerprint, storage_options
@@ -37,8 +40,16 @@ def build_output(root: Path, sizes: list[int], teacher: str | None = None, broke
         url = str(root / "extra" / f"x{s}.tar")
         corpus.write_tar(url, corpus.good_samples(4, seed=900 + s, prefix=f"x{s}_"))
         extra.append(url)
-    cfg = JobConfig(inputs=(f"{root}/in/*.tar",), output=str(root / "out"), model="wintok-tiny", teacher=teacher,
-                    batch_size=8, decode_threads=1, row_group_rows=row_group_rows, progress=False)
+    base, s3kw = str(root), {}
+    if s3 is not None:
+        fs, prefix, endpoint = s3
+        for local in [*samples, *extra]:
+            fs.put_file(local, f"{prefix}/{os.path.relpath(local, root)}")
+        samples = {f"s3://{prefix}/{os.path.relpath(k, root)}": v for k, v in samples.items()}
+        extra = [f"s3://{prefix}/{os.path.relpath(u, root)}" for u in extra]
+        base, s3kw = f"s3://{prefix}", {"s3_endpoint_url": endpoint}
+    cfg = JobConfig(inputs=(f"{base}/in/*.tar",), output=f"{base}/out", model="wintok-tiny", teacher=teacher,
+                    batch_size=8, decode_threads=1, row_group_rows=row_group_rows, progress=False, **s3kw)
     opts = storage_options(cfg)
     fp = run_fingerprint(cfg)
     check_run_file(Storage(cfg.output, opts), fp, cfg)
@@ -50,4 +61,4 @@ def build_output(root: Path, sizes: list[int], teacher: str | None = None, broke
             assert res.ok, res
     finally:
         proc.close()
-    return {"output": cfg.output, "inputs": sorted(samples), "extra": extra, "plan": samples}
+    return {"output": cfg.output, "inputs": sorted(samples), "extra": extra, "plan": samples, "storage": opts}
