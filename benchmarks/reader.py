@@ -9,7 +9,8 @@ keeping each one's best:
   - reader: iterating `TokenDataset` in one process (what one DataLoader worker does): per-sample
     dicts of torch tensors, with and without shuffle, and `flat=True`; and through a DataLoader
     with one worker and batches of 64 (collate and the worker's queue included), the DataLoader
-    collating single rows or the reader yielding whole batches (`batch_size=64`).
+    collating single rows or the reader yielding whole batches (`batch_size=64`); and the
+    DataLoader's worker -> main hand-off alone (the ceiling of any reader inside a worker).
 Prints a Markdown table (and `--json` a JSON line).
 """
 
@@ -85,11 +86,25 @@ def run(root: str, rounds: int) -> dict[str, float]:
         dl = torch.utils.data.DataLoader(ds, batch_size=None if batched else 64, num_workers=1)
         return sum(len(b["key"]) for b in dl)
 
+    def handoff() -> int:
+        """The DataLoader's worker -> main process hand-off alone: the same batch every time, nothing read."""
+        import torch
+
+        class Same(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                batch = next(iter(TokenDataset(root, cols, batch_size=64)))
+                for lo in range(0, total, 64):
+                    yield {k: v[: min(64, total - lo)] for k, v in batch.items()}
+
+        return sum(len(b["key"]) for b in torch.utils.data.DataLoader(Same(), batch_size=None, num_workers=1))
+
     cases = {"raw pq.read_table (all columns)": raw, "pq.read_table + column_to_numpy": table,
              "TokenDataset": reader, "TokenDataset shuffle": lambda: reader(shuffle=True, seed=0),
              "TokenDataset flat": lambda: reader(flat=True),
+             "TokenDataset(batch_size=64)": lambda: sum(len(b["key"]) for b in TokenDataset(root, cols, batch_size=64)),
              "DataLoader(num_workers=1, batch_size=64) collating rows": lambda: loader(False),
-             "DataLoader(num_workers=1) over TokenDataset(batch_size=64)": lambda: loader(True)}
+             "DataLoader(num_workers=1) over TokenDataset(batch_size=64)": lambda: loader(True),
+             "DataLoader hand-off alone (one batch sent again and again)": handoff}
     best = {k: 0.0 for k in cases}
     for _ in range(rounds):  # alternate the cases, keep each one's best (this machine drifts)
         for name, fn in cases.items():

@@ -218,3 +218,10 @@ def test_batches_hold_the_same_rows_in_the_same_order_and_resume(out, table):
     second = ds(batch_size=7)
     second.load_state_dict(first.state_dict())
     assert keys(head) + keys(second) == keys(batches)
+
+
+def test_reader_benchmark_runs_on_a_small_output(tmp_path):
+    from benchmarks.reader import build, run
+
+    res = run(build(str(tmp_path / "out"), shards=2, rows=300), rounds=1)  # each case asserts its row count
+    assert res["_rows"] == 600 and all(v > 0 for v in res.values())
