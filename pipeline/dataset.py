@@ -152,7 +152,10 @@ class TokenDataset(IterableDataset):
 
     # ------------------------------------------------------------------ layout of an epoch
     def set_epoch(self, epoch: int) -> None:
-        """Call before each epoch (in every rank) for a new shuffle; a pending resume keeps its epoch."""
+        """Call before each epoch (in every rank) for a new shuffle; a pending resume keeps its epoch.
+
+        As with DistributedSampler, DataLoader workers see it only when they start, so do not use
+        `persistent_workers=True` with a shuffle that should change per epoch."""
         self.epoch = epoch
 
     def _dist(self) -> tuple[int, int]:

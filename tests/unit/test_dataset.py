@@ -225,3 +225,33 @@ def test_reader_benchmark_runs_on_a_small_output(tmp_path):
 
     res = run(build(str(tmp_path / "out"), shards=2, rows=300), rounds=1)  # each case asserts its row count
     assert res["_rows"] == 600 and all(v > 0 for v in res.values())
+
+
+def _ddp_rank(rank: int, world: int, port: int, out: str, result: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        ds = TokenDataset(out, ["key"], shuffle=True, seed=9, equal="pad")  # rank and world from torch.distributed
+        with open(f"{result}.{rank}", "w") as f:
+            json.dump({"keys": keys(ds), "state": ds.state_dict()}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_come_from_torch_distributed(out, table, tmp_path):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_rank, args=(2, port, out, str(tmp_path / "r")), nprocs=2)
+    got = [json.load(open(tmp_path / f"r.{r}")) for r in range(2)]
+    assert [g["state"]["rank"] for g in got] == [0, 1] and got[0]["state"]["world_size"] == 2
+    assert [len(g["keys"]) for g in got] == [15, 15]
+    assert sorted(got[0]["keys"] + got[1]["keys"]) == sorted(table.column("key").to_pylist())
