@@ -255,3 +255,12 @@ def test_ranks_come_from_torch_distributed(out, table, tmp_path):
     assert [g["state"]["rank"] for g in got] == [0, 1] and got[0]["state"]["world_size"] == 2
     assert [len(g["keys"]) for g in got] == [15, 15]
     assert sorted(got[0]["keys"] + got[1]["keys"]) == sorted(table.column("key").to_pylist())
+
+
+def test_wrong_sources_are_one_line_errors(tmp_path):
+    with pytest.raises(OutputError, match="holds no wintok run"):
+        TokenDataset(str(tmp_path))
+    with pytest.raises(OutputError, match="not found"):
+        TokenDataset([str(tmp_path / "absent.parquet")])
+    with pytest.raises(OutputError, match="no shard files"):
+        TokenDataset([])
