@@ -325,8 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # user mistakes that end in one line and exit status 2: (module, class). Looked up in sys.modules
 # only, so that catching them imports nothing: `status` and `verify` must not pay for torch and Ray.
-_USER_ERRORS = (("pipeline.config", "JobConfigError"), ("pipeline.train", "TrainConfigError"), ("pipeline.io", "InputError"),
-                ("pipeline.status", "OutputError"),
+_USER_ERRORS = (("pipeline.config", "JobConfigError"), ("pipeline.train", "TrainConfigError"),
+                ("pipeline.io", "InputError"), ("pipeline.output", "OutputError"),
                 ("pipeline.lease_file", "LeaseError"), ("pipeline.driver", "RunRefused"),
                 ("wintok_model.checkpoint", "CheckpointError"), ("pipeline.plan", "RunRefused"), ("wintok_model.config", "ConfigError"),
                 ("braceexpand", "UnbalancedBracesError"))

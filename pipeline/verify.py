@@ -25,7 +25,7 @@ from schemas import SCHEMA_VERSION, Manifest, read_metadata
 
 from .io import Storage, StorageOptions
 from .layout import ERRORS_DIR, SHARDS_DIR, errors_rel, manifest_rel, shards_rel
-from .status import load_manifests, read_run
+from .output import load_manifests, read_run
 
 
 @dataclass

@@ -108,3 +108,8 @@ def build_rows(schema: pa.Schema, columns: dict[str, Any]) -> pa.RecordBatch:
 def column_to_numpy(table: pa.Table, name: str) -> np.ndarray:
     """A tensor column back as one (n, *shape) ndarray (either schema version)."""
     return tensor_to_numpy(table.column(name))
+
+
+def tensor_shapes(schema: pa.Schema) -> dict[str, tuple[int, ...]]:
+    """{name: per-row shape} of the schema's tensor columns, whatever their storage layout."""
+    return {f.name: found[0] for f in schema if (found := tensor_shape(f.type)) is not None}
