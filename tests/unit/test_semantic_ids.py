@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from schemas import TokenLayout, build_rows, column_to_numpy, tokens_schema
+from schemas.tensors import tensor_shape
 from wintok_model.semantic import (
     CodebookError,
     CodebookInfo,
@@ -134,7 +135,7 @@ def test_semantic_ids_column_round_trips_through_parquet(tmp_path, k, dtype):
     schema = tokens_schema(layout)
     names = schema.names
     assert names.index("semantic_ids") == names.index("semantic_tokens") + 1
-    assert schema.field("semantic_ids").type.value_type == pa.from_numpy_dtype(dtype)
+    assert tensor_shape(schema.field("semantic_ids").type) == ((3, 2), pa.from_numpy_dtype(dtype))
     rng = np.random.default_rng(9)
     n = 5
     ids = rng.integers(0, k, size=(n, 3, 2))
