@@ -34,7 +34,6 @@ import yaml
 from pipeline.config import FIELDS, JobConfig
 from pipeline.io import protocol_of
 from pipeline.urls import redact_url, split_url
-from pipeline.worker import worker_env
 
 PACKAGES = ("wintok_model", "schemas", "pipeline", "jobs")
 EXCLUDES = ["__pycache__", "*.pyc"]
@@ -103,6 +102,8 @@ def runtime_env(cfg: JobConfig, working_dir: str, environ: Any = None) -> dict[s
     """The submission's runtime_env: the code (py_modules), the job file (working_dir), the
     workers' non-secret WINTOK_* variables, and how long `--stop` waits for the driver after its
     SIGTERM before Ray kills it (Ray's default, 3 s, is shorter than the job's stop_grace)."""
+    from pipeline.worker import worker_env  # imports torch: only on submit, not for --status/--logs/--stop
+
     variables = worker_env(os.environ if environ is None else environ)
     variables["RAY_JOB_STOP_WAIT_TIME_S"] = str(math.ceil(cfg.stop_grace) + 5)
     return {"py_modules": _package_dirs(), "working_dir": working_dir, "excludes": EXCLUDES,

@@ -120,7 +120,8 @@ def test_submit_runs_the_job_once_with_no_secret_in_the_submission(cluster, tmp_
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"job {job_id} was submitted before" in again.stdout and "Traceback" not in again.stderr
     d = _wait_job(cluster, job_id)
-    logs = _wintok(cluster, "submit", "--logs", job_id, "--address", cluster.dashboard).stdout
+    logs = _wintok(cluster, "submit", "--logs", job_id, "--follow", "--address", cluster.dashboard,
+                   timeout=60).stdout  # an ended job: the whole log, then the command ends
     assert d["status"] == "SUCCEEDED", logs[-3000:]
     assert "shards: 3 done" in logs
     from ray.job_submission import JobSubmissionClient
