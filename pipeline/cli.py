@@ -1,4 +1,5 @@
-"""`wintok` command line: tokenize, embed, status, convert-checkpoint, fit-semantic-codebook, demo."""
+"""`wintok` command line: tokenize, embed, submit, status, verify, inspect, reconstruct, train,
+convert-checkpoint, fit-semantic-codebook, demo."""
 
 from __future__ import annotations
 
@@ -242,6 +243,60 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(a.dir, workers=a.workers)
 
 
+def cmd_submit(a: argparse.Namespace) -> int:
+    from jobs import submit as jobs  # the Ray Jobs client lives with the job files (jobs/submit.py)
+
+    from .config import JobConfigError, resolve
+
+    one = [x for x in ("status", "logs", "stop") if getattr(a, x)]
+    if one:
+        job_id = getattr(a, one[0])
+        if one[0] == "status":
+            d = jobs.info(a.address, job_id)
+            print(json.dumps(d, indent=1) if a.json else
+                  f"{d['job_id']}: {d['status']}" + (f" ({d['message']})" if d["message"] else ""))
+            return EXIT_FAILED if d["status"] in ("FAILED", "STOPPED") else EXIT_OK
+        if one[0] == "logs":
+            jobs.logs(a.address, job_id, follow=a.follow)
+            return EXIT_OK
+        print(f"{job_id}: stop requested" if jobs.stop(a.address, job_id) else f"{job_id}: had already ended")
+        return EXIT_OK
+    if not a.job_file:
+        raise JobConfigError("submit needs JOB.yaml (or --status / --logs / --stop ID)")
+    overrides = {k: v for k, v in vars(a).items() if k in FIELD_NAMES and k != "address"}
+    cfg = resolve(a.job_file, overrides)
+    for path in jobs.local_paths(cfg):
+        print(f"wintok: note: {path} is a local path: it must be the same folder on every node "
+              "(a shared filesystem); use s3:// URLs otherwise", file=sys.stderr)
+    s = jobs.submit(cfg, a.address, python=a.python, resubmit=a.resubmit)
+    if s.existed:
+        again = ("; `--resubmit` runs it again (committed shards are skipped)"
+                 if s.status in ("FAILED", "STOPPED") else "")
+        print(f"job {s.job_id} was submitted before (status {s.status}): not submitted again{again}")
+    else:
+        print(f"submitted job {s.job_id} to {s.address} (status {s.status})")
+    print("follow it:\n" + "\n".join(f"  {c}" for c in jobs.follow_commands(s.job_id, s.address)))
+    return EXIT_OK
+
+
+def _submit_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("job_file", nargs="?", metavar="JOB.yaml", help="the job file (as for tokenize --job)")
+    s.add_argument("--address", help="the head's Ray Jobs address, http://HEAD:8265 (default: "
+                                     "RAY_API_SERVER_ADDRESS, else RAY_ADDRESS)")
+    which = s.add_mutually_exclusive_group()
+    which.add_argument("--status", metavar="ID", help="show the status of a submitted job")
+    which.add_argument("--logs", metavar="ID", help="print the log of a submitted job")
+    which.add_argument("--stop", metavar="ID", help="stop a submitted job")
+    s.add_argument("--follow", action="store_true", help="with --logs: follow the log until the job ends")
+    s.add_argument("--resubmit", action="store_true",
+                   help="submit again a job that ended FAILED or STOPPED (committed shards are skipped)")
+    s.add_argument("--python", default="python", help="the head node's python command (default python)")
+    s.add_argument("--json", action="store_true", help="with --status: print it as JSON")
+    for name in FIELDS:
+        if flag_of(name) is not None and name != "address":
+            add_option(s, name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wintok", description="WinTok offline tokenization pipeline")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -251,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("embed", help="teacher embeddings only, same output contract")
     _job_args(e, teacher_only=True)
     e.set_defaults(func=lambda a: cmd_tokenize(a, teacher_only=True))
+    u = sub.add_parser("submit", help="run a job on a Ray cluster through Ray Jobs (same job as tokenize --job)")
+    _submit_args(u)
+    u.set_defaults(func=cmd_submit)
     for name, helptext, func in (("status", "summarise an OUTPUT from its manifests", cmd_status),
                                  ("verify", "check every manifest against its files", cmd_verify)):
         s = sub.add_parser(name, help=helptext)
@@ -326,9 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
 # user mistakes that end in one line and exit status 2: (module, class). Looked up in sys.modules
 # only, so that catching them imports nothing: `status` and `verify` must not pay for torch and Ray.
 _USER_ERRORS = (("pipeline.config", "JobConfigError"), ("pipeline.train", "TrainConfigError"),
-                ("pipeline.io", "InputError"), ("pipeline.output", "OutputError"),
+                ("pipeline.io", "InputError"), ("pipeline.output", "OutputError"), ("jobs.submit", "SubmitError"),
                 ("pipeline.lease_file", "LeaseError"), ("pipeline.driver", "RunRefused"),
-                ("wintok_model.checkpoint", "CheckpointError"), ("pipeline.plan", "RunRefused"), ("wintok_model.config", "ConfigError"),
+                ("wintok_model.checkpoint", "CheckpointError"), ("pipeline.plan", "RunRefused"),
+                ("wintok_model.config", "ConfigError"),
                 ("braceexpand", "UnbalancedBracesError"))
 
 

@@ -45,8 +45,11 @@ def make_actor_class(num_gpus: float, num_cpus: float, cpu_model: bool = False) 
                 runtime_env={"env_vars": env}, concurrency_groups={"control": 1})
     class TokenizeWorker:
         def __init__(self, config: WorkerConfig) -> None:
+            import dataclasses
+
             logging.basicConfig(level=logging.WARNING)
-            self.processor = ShardProcessor(config)
+            node = ray.get_runtime_context().get_node_id()
+            self.processor = ShardProcessor(dataclasses.replace(config, node=node))
 
         def process(self, task: ShardTask) -> ShardResult:
             return self.processor.process(task)

@@ -35,9 +35,10 @@ class Manifest:
     attempts: int
     seconds: float
     run_fingerprint: str
-    worker: str = ""
+    worker: str = ""                 # host name of the worker
     finished_at: str = ""
     schema_version: int = SCHEMA_VERSION
+    node: str = ""                   # Ray node id of the worker ("" outside Ray)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)

@@ -53,6 +53,7 @@ class WorkerConfig:
     storage: StorageOptions = field(default_factory=StorageOptions)
     lease_token: str | None = None  # the run's lease token: every commit checks it (None: no check)
     fingerprint: dict[str, Any] = field(default_factory=dict)  # the run's: in every file's metadata
+    node: str = ""  # the Ray node the worker runs on (set by the actor): recorded in each manifest
 
 
 class ShardProcessor:
@@ -119,7 +120,8 @@ class ShardProcessor:
             token = self.config.lease_token
             manifest = sink.commit(input_size=size, input_etag=etag, attempts=task.attempt,
                                    seconds=time.monotonic() - t0, run_fingerprint=self.fingerprint_sha256,
-                                   fence=(lambda: check_fence(self.storage, token)) if token else None)
+                                   fence=(lambda: check_fence(self.storage, token)) if token else None,
+                                   node=self.config.node)
             return ShardResult.committed(task.stem, manifest.to_json())
         except Exception as e:  # noqa: BLE001 - classified once; the driver decides on retries
             sink.discard()

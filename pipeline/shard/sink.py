@@ -119,7 +119,7 @@ class ShardSink:
                                 "stage": stage, "reason": reason, "error": error[:2000]})
 
     def commit(self, *, input_size: int | None, input_etag: str | None, attempts: int, seconds: float,
-               run_fingerprint: str, fence: Callable[[], None] | None = None) -> Manifest:
+               run_fingerprint: str, fence: Callable[[], None] | None = None, node: str = "") -> Manifest:
         """Upload the data files, then the manifest. `fence` (the lease check) runs before the
         first upload and again right before the manifest: a run that lost its lease raises there
         and commits nothing (and overwrites no file another run has committed)."""
@@ -146,7 +146,7 @@ class ShardSink:
             samples=self.samples, rows=self.rows.rows, errors=len(self.error_rows),
             shards_file=shards_file, errors_file=errors_file, errors_by_reason=dict(self.reasons),
             attempts=attempts, seconds=round(seconds, 3), run_fingerprint=run_fingerprint,
-            worker=socket.gethostname(), finished_at=dt.datetime.now(dt.timezone.utc).isoformat(),
+            worker=socket.gethostname(), node=node, finished_at=dt.datetime.now(dt.timezone.utc).isoformat(),
         )
         failpoint("before_manifest", self.stem)
         if fence is not None:
