@@ -9,18 +9,16 @@ perplexity exp(H) of their frequencies (K for perfectly even use, 1 for one code
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from schemas import read_metadata, tensor_to_numpy
+from schemas import tensor_to_numpy
 
-from .io import Storage, StorageOptions
-from .status import OutputError, load_manifests, read_run, status
+from .io import StorageOptions
+from .output import Output, OutputError
+from .status import status
 from .urls import redact_url
 
 # which id columns are counted, and where their codebook size is in the fingerprint
@@ -111,43 +109,30 @@ def _codebook_sizes(fp: dict[str, Any]) -> dict[str, int]:
     return sizes
 
 
-def _batches(storage: Storage, rel: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    with storage.fs.open(storage.path(rel), "rb") as f:
-        yield from pq.ParquetFile(f).iter_batches(batch_size=4096, columns=columns)
-
-
 def inspect_output(output: str, opts: StorageOptions | None = None, max_shards: int | None = None) -> Inspection:
     """Status + schema + code usage + duplicates; usage and duplicates over the first
     `max_shards` committed shards in stem order (all when None)."""
-    storage = Storage(output, opts)
     s = status(output, opts)  # raises OutputError for a missing run or damaged manifests
-    fp = read_run(storage, output).get("fingerprint") or {}
-    manifests = sorted(load_manifests(storage)[0], key=lambda m: m.stem)
-    if max_shards is not None:
-        manifests = manifests[:max_shards]
-    schema: list[str] = []
+    out = Output(output, opts)
+    fp = out.fingerprint()
+    files = out.shards()[:max_shards] if max_shards is not None else out.shards()
+    schema = out.schema() if files else None
+    report = Inspection(s, [f"{f.name}: {f.type}" for f in schema] if schema else [], fp)
     sizes = _codebook_sizes(fp)
-    report = Inspection(s, schema, fp)
+    id_cols = [c for c in ID_COLUMNS if schema is not None and c in schema.names and c in sizes]
     hashes: dict[bytes, list[str]] = {}
-    for m in manifests:
-        with storage.fs.open(storage.path(m.shards_file.path), "rb") as f:
-            file_schema = pq.read_schema(f)
-        if not schema:
-            schema += [f"{f.name}: {f.type}" for f in file_schema]
-            file_fp = read_metadata(file_schema).get("fingerprint")
-            if file_fp and not fp:
-                report.fingerprint = fp = file_fp
-                sizes = _codebook_sizes(fp)
-        id_cols = [c for c in ID_COLUMNS if c in file_schema.names and c in sizes]
-        for batch in _batches(storage, m.shards_file.path, ["key", "image_hash", *id_cols]):
+    for shard in files:
+        for batch in out.parquet(shard.url).iter_batches(batch_size=4096, columns=["key", "image_hash", *id_cols]):
             report.rows_read += batch.num_rows
             for c in id_cols:
                 ids = tensor_to_numpy(batch.column(c))
+                if c == "semantic_ids":
+                    ids = np.moveaxis(ids, -1, 1)  # (n, N, G) -> (n, G, N): one codebook per group
                 if c not in report.usage:
-                    report.usage[c] = Usage.empty(ids.shape[1] if c == "pixel_ids" else ids.shape[-1], sizes[c])
-                report.usage[c].add(ids if c == "pixel_ids" else np.moveaxis(ids, -1, 1))
+                    report.usage[c] = Usage.empty(ids.shape[1], sizes[c])
+                report.usage[c].add(ids)
             for key, h in zip(batch.column("key").to_pylist(), batch.column("image_hash").to_pylist(), strict=True):
-                hashes.setdefault(h, []).append(f"{m.stem}/{key}")
+                hashes.setdefault(h, []).append(f"{shard.stem}/{key}")
         report.shards_read += 1
     report.duplicates = {h.hex(): keys for h, keys in hashes.items() if len(keys) > 1}
     return report

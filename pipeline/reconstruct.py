@@ -14,14 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from schemas import tensor_to_numpy
 
-from .io import Storage, StorageOptions, open_input
+from .io import StorageOptions, open_input
+from .output import Output, OutputError
 from .preprocess import PreprocessConfig, decode_image
 from .shard.samples import iter_samples
-from .status import OutputError, load_manifests, read_run
 from .urls import redact_url
 
 log = logging.getLogger("wintok")
@@ -46,18 +45,16 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10.0 * np.log10(255.0 ** 2 / mse)
 
 
-def _rows(storage: Storage, n: int) -> list[dict[str, Any]]:
+def _rows(out: Output, n: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for m in sorted(load_manifests(storage)[0], key=lambda m: m.stem):
-        with storage.fs.open(storage.path(m.shards_file.path), "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=max(n, 1),
-                                                        columns=["key", "sample_index", "pixel_ids"]):
-                ids = tensor_to_numpy(batch.column("pixel_ids"))
-                for i, (key, index) in enumerate(zip(batch.column("key").to_pylist(),
-                                                     batch.column("sample_index").to_pylist(), strict=True)):
-                    rows.append({"key": key, "index": index, "url": m.input_url, "ids": ids[i]})
-                    if len(rows) == n:
-                        return rows
+    for shard in out.shards():
+        for batch in out.parquet(shard.url).iter_batches(batch_size=n, columns=["key", "sample_index", "pixel_ids"]):
+            ids = tensor_to_numpy(batch.column("pixel_ids"))
+            for i, (key, index) in enumerate(zip(batch.column("key").to_pylist(),
+                                                 batch.column("sample_index").to_pylist(), strict=True)):
+                rows.append({"key": key, "index": index, "url": shard.input_url, "ids": ids[i]})
+                if len(rows) == n:
+                    return rows
     return rows
 
 
@@ -89,8 +86,8 @@ def reconstruct(output: str, model: str, n: int = 16, opts: StorageOptions | Non
 
     if n <= 0:
         raise OutputError(f"--n must be at least 1, got {n}")
-    storage = Storage(output, opts)
-    fp = read_run(storage, output).get("fingerprint") or {}
+    out = Output(output, opts)
+    fp = out.fingerprint()
     used = (fp.get("model") or {}).get("sha256")
     if not used:
         raise OutputError(f"{redact_url(output)} holds no pixel ids (the run had no WinTok model): nothing to "
@@ -99,7 +96,7 @@ def reconstruct(output: str, model: str, n: int = 16, opts: StorageOptions | Non
     if weights_sha256(path) != used:
         raise OutputError(f"--model {model} is not the model this OUTPUT was tokenized with (weights sha256 "
                           f"{used[:16]}...): pass that model")
-    rows = _rows(storage, n)
+    rows = _rows(out, n)
     if not rows:
         raise OutputError(f"{redact_url(output)} has no committed rows yet")
     net = load_model(path, encoder_config=encoder_config, allow_pickle=allow_pickle).to(device).eval()

@@ -140,26 +140,22 @@ class TrainData:
         self.missing = 0   # samples without a cached embedding (cache mode)
         self.bad = 0       # samples whose image could not be decoded
         self.bad_shards = 0  # shards that stopped with a read error (their earlier samples were used)
-        self._cache_files: dict[str, str] = {}
+        self._cache_files: dict[str, Any] = {}
         if cfg.cache:
-            from .io import Storage
-            from .status import load_manifests
+            from .output import Output
 
-            self._cache = Storage(cfg.cache)
-            self._cache_files = {m.input_url: m.shards_file.path for m in load_manifests(self._cache)[0]}
+            self._cache = Output(cfg.cache)
+            self._cache_files = {f.input_url: f for f in self._cache.shards()}
 
     def _embeddings(self, url: str) -> dict[str, np.ndarray] | None:
         if not self.cfg.cache:
             return None
-        rel = self._cache_files.get(url)
-        if rel is None:
+        shard = self._cache_files.get(url)
+        if shard is None:
             return {}
-        import pyarrow.parquet as pq
-
         from schemas import tensor_to_numpy
 
-        with self._cache.fs.open(self._cache.path(rel), "rb") as f:
-            t = pq.read_table(f, columns=["key", "teacher_embedding"])
+        t = self._cache.read(shard, ["key", "teacher_embedding"])
         emb = tensor_to_numpy(t.column("teacher_embedding")).astype(np.float32)
         return dict(zip(t.column("key").to_pylist(), emb, strict=True))
 

@@ -35,6 +35,7 @@ def data(tmp_path_factory):
             assert proc.process(ShardTask(url, f"{i:05d}", 1)).ok
     finally:
         proc.close()
+    (tmp / "cache" / "_run.json").write_text(json.dumps({"fingerprint": {"schema_version": SCHEMA_VERSION}}))
     (tmp / "cache_half").mkdir()
     import shutil
 
