@@ -1,4 +1,4 @@
-"""`wintok` command line: tokenize, embed, status, convert-checkpoint, demo."""
+"""`wintok` command line: tokenize, embed, download, status, convert-checkpoint, demo."""
 
 from __future__ import annotations
 
@@ -134,6 +134,33 @@ def cmd_tokenize(a: argparse.Namespace, teacher_only: bool = False) -> int:
     return EXIT_OK if summary.ok else EXIT_FAILED
 
 
+def _download_args(p: argparse.ArgumentParser) -> None:
+    """`wintok download`'s flags, generated from pipeline/ingest.py's DownloadConfig fields."""
+    from .ingest import DOWNLOAD_FIELDS
+
+    for name, f in DOWNLOAD_FIELDS.items():
+        meta, help = f.metadata, _escape(f.metadata["help"])
+        if meta["positional"]:
+            p.add_argument(name, metavar=name.upper(), help=help)
+        elif f.default is False:
+            p.add_argument(f"--{name.replace('_', '-')}", dest=name, action="store_true", help=help)
+        else:
+            kind = int if isinstance(f.default, int) else str
+            shown = f" (default {f.default})" if f.default is not None else ""
+            p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=f.default,
+                           choices=meta["choices"], help=help + shown)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def cmd_download(a: argparse.Namespace) -> int:
+    from .ingest import DOWNLOAD_FIELDS, DownloadConfig, download
+
+    cfg = DownloadConfig(**{k: getattr(a, k) for k in DOWNLOAD_FIELDS})
+    summary = download(cfg)
+    print(json.dumps(summary.to_dict(), indent=1) if a.json else summary.render(cfg.output))
+    return EXIT_OK if summary.shards else EXIT_FAILED
+
+
 def cmd_status(a: argparse.Namespace) -> int:
     from .io import s3_options
     from .status import render, status
@@ -181,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("embed", help="teacher embeddings only, same output contract")
     _job_args(e, teacher_only=True)
     e.set_defaults(func=lambda a: cmd_tokenize(a, teacher_only=True))
+    dl = sub.add_parser("download", help="download a URL list into webdataset shards with img2dataset "
+                                         "(the ingest extra)")
+    _download_args(dl)
+    dl.set_defaults(func=cmd_download)
     for name, helptext, func in (("status", "summarise an OUTPUT from its manifests", cmd_status),
                                  ("verify", "check every manifest against its files", cmd_verify)):
         s = sub.add_parser(name, help=helptext)
