@@ -14,14 +14,17 @@ and the ``.json`` into ``meta``.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .config import option
-from .io import InputError, get_fs
+from .io import InputError, StorageOptions, get_fs, s3_options
 from .urls import redact_url
 
 URL_LIST_FORMATS = ("txt", "txt.gz", "csv", "csv.gz", "tsv", "tsv.gz", "json", "json.gz", "jsonl", "jsonl.gz",
@@ -115,32 +118,50 @@ def s3_environment(cfg: DownloadConfig) -> dict[str, str]:
 def download(cfg: DownloadConfig) -> DownloadSummary:
     """Run img2dataset into `cfg.output` (webdataset), then sum its stats files."""
     fmt = url_list_format(cfg)
-    fs, path = get_fs(cfg.url_list)
+    storage = s3_options(cfg.s3_endpoint_url, cfg.s3_profile, cfg.s3_anon)
+    fs, path = get_fs(cfg.url_list, storage)
     if not fs.exists(path):
         raise InputError(f"URL list {redact_url(cfg.url_list)} not found")
-    env = {"NO_ALBUMENTATIONS_UPDATE": "1", **s3_environment(cfg)}  # no update check over the network
+    # albumentations (img2dataset imports it) checks for updates online unless told not to
+    with _environment({"NO_ALBUMENTATIONS_UPDATE": "1", **s3_environment(cfg)}):
+        try:
+            from img2dataset import download as img2dataset_download
+        except ImportError:
+            raise InputError("wintok download needs img2dataset: pip install 'wintok-pipeline[ingest]'") from None
+        img2dataset_download(
+            url_list=cfg.url_list, output_folder=cfg.output, output_format="webdataset", input_format=fmt,
+            url_col=cfg.url_col, caption_col=cfg.caption_col, processes_count=cfg.processes,
+            thread_count=cfg.threads, image_size=cfg.image_size, resize_mode=cfg.resize_mode,
+            resize_only_if_bigger=True, number_sample_per_shard=cfg.samples_per_shard, timeout=cfg.timeout,
+            retries=cfg.retries, enable_wandb=False, incremental_mode="incremental",
+        )
+    return read_stats(cfg.output, storage)
+
+
+@contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """`env` set for img2dataset's processes (and fsspec's config in this one), as it was after."""
+    import fsspec.config
+
+    old_env = {k: os.environ.get(k) for k in env}
+    old_conf = copy.deepcopy(fsspec.config.conf)
     os.environ.update(env)
-    if "FSSPEC_S3" in env:
-        import fsspec.config
-
-        fsspec.config.set_conf_env(fsspec.config.conf)  # this process too: fsspec read its env at import
+    fsspec.config.set_conf_env(fsspec.config.conf)  # fsspec read the environment at import
     try:
-        from img2dataset import download as img2dataset_download
-    except ImportError:
-        raise InputError("wintok download needs img2dataset: pip install 'wintok-pipeline[ingest]'") from None
-    img2dataset_download(
-        url_list=cfg.url_list, output_folder=cfg.output, output_format="webdataset", input_format=fmt,
-        url_col=cfg.url_col, caption_col=cfg.caption_col, processes_count=cfg.processes,
-        thread_count=cfg.threads, image_size=cfg.image_size, resize_mode=cfg.resize_mode,
-        resize_only_if_bigger=True, number_sample_per_shard=cfg.samples_per_shard, timeout=cfg.timeout,
-        retries=cfg.retries, enable_wandb=False, incremental_mode="incremental",
-    )
-    return read_stats(cfg.output)
+        yield
+    finally:
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        fsspec.config.conf.clear()
+        fsspec.config.conf.update(old_conf)
 
 
-def read_stats(output: str) -> DownloadSummary:
+def read_stats(output: str, storage: StorageOptions | None = None) -> DownloadSummary:
     """Sum the `*_stats.json` files img2dataset wrote in `output`."""
-    fs, root = get_fs(output)
+    fs, root = get_fs(output, storage)
     fs.invalidate_cache()
     s = DownloadSummary()
     failures: Counter[str] = Counter()

@@ -23,25 +23,6 @@ from tests import corpus
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
-def make_folder(root, n: int = 7, seed: int = 1) -> dict[str, bytes]:
-    """Images in two subfolders, every other one with a .txt, every third a .json; one non-image file
-    and one broken JPEG. Returns rel path -> image bytes of the good images."""
-    images = {}
-    for i, (key, data, ext) in enumerate(corpus.good_images(n, seed=seed)):
-        rel = f"{'a' if i < n // 2 else 'b/c'}/{key}.{ext}"
-        os.makedirs(os.path.dirname(root / rel), exist_ok=True)
-        (root / rel).write_bytes(data)
-        images[rel] = data
-        base = rel.rsplit(".", 1)[0]
-        if i % 2 == 0:
-            (root / f"{base}.txt").write_text(f"caption {key}")
-        if i % 3 == 0:
-            (root / f"{base}.json").write_text(json.dumps({"k": key}))
-    (root / "notes.md").write_text("not an image")
-    (root / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    return images
-
-
 @pytest.fixture(scope="module")
 def processor(tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
@@ -70,7 +51,7 @@ def _ids_by_hash(table: pa.Table) -> dict[bytes, list]:
 
 
 def test_folder_units_are_sorted_with_sidecars_and_stems_do_not_depend_on_creation_order(tmp_path):
-    make_folder(tmp_path / "one" / "imgs")
+    corpus.write_image_folder(tmp_path / "one" / "imgs")
     # the same files written in the opposite order
     src = tmp_path / "one" / "imgs"
     files = sorted(p for p in src.rglob("*") if p.is_file())
@@ -99,7 +80,7 @@ def test_folder_units_are_sorted_with_sidecars_and_stems_do_not_depend_on_creati
 
 
 def test_folder_unit_gives_a_row_or_an_error_for_every_file(tmp_path, processor):
-    images = make_folder(tmp_path / "imgs")
+    images = corpus.write_image_folder(tmp_path / "imgs")
     (task,) = plan(_job([tmp_path / "imgs"], folder_unit_files=100), StorageOptions())
     res = processor.process(ShardTask(task.url, "folder-all", 1, kind="folder", files=task.files))
     assert res.ok, res.error
@@ -121,7 +102,7 @@ def test_folder_unit_gives_a_row_or_an_error_for_every_file(tmp_path, processor)
 
 
 def test_file_gone_since_the_listing_is_an_error_record(tmp_path, processor):
-    make_folder(tmp_path / "imgs")
+    corpus.write_image_folder(tmp_path / "imgs")
     (task,) = plan(_job([tmp_path / "imgs"], folder_unit_files=100), StorageOptions())
     gone = task.files[1].rel
     os.unlink(tmp_path / "imgs" / gone)
