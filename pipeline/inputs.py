@@ -20,6 +20,7 @@ file list digest is its manifest's `input_etag`.
 
 from __future__ import annotations
 
+import os
 import posixpath
 from typing import Any
 
@@ -34,21 +35,22 @@ UNIT_DIGITS = 5
 
 
 def input_kind(url: str, fmt: str, storage: StorageOptions | None) -> str:
-    """tar, parquet or folder. `fmt` auto: by extension (.tar/.tgz/.tar.gz, .parquet), else a
-    folder if the URL ends with "/" or names a directory, else a tar (shards without extension)."""
+    """tar, parquet or folder. `fmt` auto: by extension (.tar/.tgz/.tar.gz, .parquet), else a folder
+    if the URL ends with "/" or is a local directory, else a tar (shards without extension). Only
+    local paths are looked at (one stat): an object-store folder is named with a trailing "/" (or
+    `--input-format folder`), so that a long list of extensionless shards costs no request each."""
     if fmt != "auto":
         return {"webdataset": "tar", "folder": "folder", "parquet": "parquet"}[fmt]
-    path = split_url(url).path
-    if path.endswith(TAR_EXTS):
+    parts = split_url(url)
+    if parts.path.endswith(TAR_EXTS):
         return "tar"
-    if path.endswith(PARQUET_EXT):
+    if parts.path.endswith(PARQUET_EXT):
         return "parquet"
-    if split_url(url).scheme in NO_LISTING:
+    if parts.scheme in NO_LISTING:
         return "tar"
-    if path.endswith("/"):
+    if parts.path.endswith("/") or (parts.scheme == "file" and os.path.isdir(parts.path)):
         return "folder"
-    fs, p = get_fs(url, storage)
-    return "folder" if with_retries(lambda: fs.isdir(p), f"stat {redact_url(url)}", _policy(storage)) else "tar"
+    return "tar"
 
 
 def _policy(storage: StorageOptions | None) -> Any:

@@ -200,3 +200,15 @@ def test_damaged_parquet_gives_error_records_or_a_permanent_failure(tmp_path, pr
     other = processor.process(ShardTask(str(tmp_path / "other.parquet"), "pq-other", 1, kind="parquet"))
     assert other.reason is Reason.SHARD_READ and "no image column 'image'" in other.error
     assert not (processor.out / "_manifest" / "pq-junk.json").exists()
+
+
+def test_input_kind_auto_rules(tmp_path):
+    from pipeline.inputs import input_kind
+
+    (tmp_path / "imgs").mkdir()
+    cases = {str(tmp_path / "imgs"): "folder", str(tmp_path / "missing"): "tar", "s3://b/x/00001.tar": "tar",
+             "s3://b/x/00001.tar.gz": "tar", "s3://b/x/part-0.parquet": "parquet", "s3://b/photos/": "folder",
+             "s3://b/shard-without-ext": "tar", "https://host/dir/": "tar", f"file://{tmp_path}/imgs": "folder"}
+    assert {u: input_kind(u, "auto", None) for u in cases} == cases
+    assert input_kind("s3://b/photos", "folder", None) == "folder"
+    assert input_kind(str(tmp_path / "imgs"), "webdataset", None) == "tar"
