@@ -73,3 +73,35 @@ def test_folder_on_s3_gives_the_stems_and_tokens_of_the_local_folder(s3fs_client
     assert remote_ids.keys() == local_ids.keys()
     assert all((remote_ids[k] == local_ids[k]).all() for k in local_ids)
     assert run_job(remote_cfg).skipped == 3  # resume on S3: nothing to do
+
+
+def test_parquet_columns_chosen_by_flags_end_to_end(ray_session, tiny_model_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.cli import _job_from_args, build_parser
+
+    imgs = corpus.good_images(6, seed=12)
+    table = pa.table({"jpg": pa.array([d for _, d, _ in imgs] + [None], pa.binary()),
+                      "name": [f"img-{k}" for k, _, _ in imgs] + ["empty"],
+                      "cap": [f"caption {k}" for k, _, _ in imgs] + [None]})
+    (tmp_path / "in").mkdir()
+    for part in (0, 1):
+        pq.write_table(table, tmp_path / "in" / f"part-{part}.parquet", row_group_size=4)
+    args = build_parser().parse_args(["tokenize", str(tmp_path / "in" / "*.parquet"), str(tmp_path / "out"),
+                                      "--model", tiny_model_dir, "--image-column", "jpg", "--key-column", "name",
+                                      "--text-column", "cap", "--workers", "1", "--batch-size", "4",
+                                      "--no-progress"])
+    cfg = _job_from_args(args, teacher_only=False)
+    summary = run_job(cfg)
+    assert summary.ok and summary.done == 2 and (summary.images, summary.errors) == (12, 2)
+    got = read_output(str(tmp_path / "out"))
+    assert sorted(got["manifests"]) == ["part-0", "part-1"]
+    rows = got["rows"]["part-1"].select(["key", "text"]).to_pylist()
+    assert rows == [{"key": f"img-{k}", "text": f"caption {k}"} for k, _, _ in imgs]
+    assert got["errors"]["part-0"].column("key").to_pylist() == ["empty"]
+    import json
+
+    run = json.loads((tmp_path / "out" / "_run.json").read_text())
+    assert run["fingerprint"]["inputs"]["parquet_columns"] == {"image": "jpg", "key": "name", "text": "cap",
+                                                               "meta": None}
