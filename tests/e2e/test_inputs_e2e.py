@@ -45,7 +45,7 @@ def test_folder_end_to_end_with_sidecars_and_resume(ray_session, tiny_model_dir,
     assert ids_by_key(read_output(str(out))["rows"]).keys() == ids.keys()
 
 
-def test_folder_on_s3_gives_the_stems_and_tokens_of_the_local_folder(s3fs_client, s3_endpoint, ray_session,
+def test_folder_and_parquet_on_s3_give_the_stems_and_tokens_of_local_inputs(s3fs_client, s3_endpoint, ray_session,
                                                                       tiny_model_dir, tmp_path):
     fs = s3fs_client
     corpus.write_image_folder(tmp_path / "imgs", n=5, seed=9)
@@ -54,25 +54,34 @@ def test_folder_on_s3_gives_the_stems_and_tokens_of_the_local_folder(s3fs_client
         for name in files:
             rel = os.path.relpath(os.path.join(d, name), tmp_path / "imgs")
             fs.put_file(os.path.join(d, name), f"wintok-folder/imgs/{rel}")
-    local = run_job(small_job([str(tmp_path / "imgs")], tmp_path / "local", tiny_model_dir, folder_unit_files=3))
-    remote_cfg = small_job(["s3://wintok-folder/imgs/"], "s3://wintok-folder/out", tiny_model_dir,
-                           folder_unit_files=3, s3_endpoint_url=s3_endpoint)
-    remote = run_job(remote_cfg)
-    assert local.ok and remote.ok and remote.done == local.done == 3
-    assert (remote.images, remote.errors) == (local.images, local.errors) == (5, 2)
-    assert sorted(p.rsplit("/", 1)[1] for p in fs.find("wintok-folder/out/_manifest")) == \
-        sorted(os.listdir(tmp_path / "local" / "_manifest"))
+    # a Parquet file beside the folder, in the same run: each kind keeps its own names
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    imgs = corpus.good_images(3, seed=10)
+    with fs.open("wintok-folder/p/part.parquet", "wb") as f:
+        pq.write_table(pa.table({"image": pa.array([{"bytes": d, "path": None} for _, d, _ in imgs],
+                                                   pa.struct([("bytes", pa.binary()), ("path", pa.string())]))}),
+                       f, row_group_size=2)
+    local = run_job(small_job([str(tmp_path / "imgs")], tmp_path / "local", tiny_model_dir, folder_unit_files=3))
+    remote_cfg = small_job(["s3://wintok-folder/imgs/", "s3://wintok-folder/p/part.parquet"],
+                           "s3://wintok-folder/out", tiny_model_dir, folder_unit_files=3, s3_endpoint_url=s3_endpoint)
+    remote = run_job(remote_cfg)
+    assert local.ok and remote.ok and local.done == 3 and remote.done == 4
+    assert (remote.images, remote.errors) == (local.images + 3, local.errors) == (8, 2)
+    names = sorted(p.split("/_manifest/", 1)[1] for p in fs.find("wintok-folder/out/_manifest"))
+    assert names == ["imgs/" + n for n in sorted(os.listdir(tmp_path / "local" / "_manifest"))] + ["p/part.json"]
     tables = {}
-    for path in fs.find("wintok-folder/out/shards"):
+    for path in fs.find("wintok-folder/out/shards/imgs"):
         with fs.open(path, "rb") as f:
             tables[path] = pq.read_table(f)
     remote_ids = ids_by_key(tables)
     local_ids = ids_by_key(read_output(str(tmp_path / "local"))["rows"])
     assert remote_ids.keys() == local_ids.keys()
     assert all((remote_ids[k] == local_ids[k]).all() for k in local_ids)
-    assert run_job(remote_cfg).skipped == 3  # resume on S3: nothing to do
+    with fs.open("wintok-folder/out/shards/p/part.parquet", "rb") as f:
+        assert pq.read_table(f).column("key").to_pylist() == ["00000000", "00000001", "00000002"]
+    assert run_job(remote_cfg).skipped == 4  # resume on S3: nothing to do
 
 
 def test_parquet_columns_chosen_by_flags_end_to_end(ray_session, tiny_model_dir, tmp_path):
