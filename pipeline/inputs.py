@@ -26,7 +26,7 @@ from typing import Any
 
 from .io import InputError, StorageOptions, get_fs
 from .protocol import FolderFile
-from .retry import with_retries
+from .retry import RetryPolicy, with_retries
 from .shard.samples import IMAGE_EXTS, META_EXTS, TEXT_EXTS, is_ignored
 from .urls import NO_LISTING, TAR_EXTS, redact_url, split_url
 
@@ -34,7 +34,7 @@ PARQUET_EXT = ".parquet"
 UNIT_DIGITS = 5
 
 
-def input_kind(url: str, fmt: str, storage: StorageOptions | None) -> str:
+def input_kind(url: str, fmt: str) -> str:
     """tar, parquet or folder. `fmt` auto: by extension (.tar/.tgz/.tar.gz, .parquet), else a folder
     if the URL ends with "/" or is a local directory, else a tar (shards without extension). Only
     local paths are looked at (one stat): an object-store folder is named with a trailing "/" (or
@@ -53,9 +53,7 @@ def input_kind(url: str, fmt: str, storage: StorageOptions | None) -> str:
     return "tar"
 
 
-def _policy(storage: StorageOptions | None) -> Any:
-    from .retry import RetryPolicy
-
+def _policy(storage: StorageOptions | None) -> RetryPolicy:
     return storage.retry if storage is not None else RetryPolicy()
 
 
@@ -83,6 +81,11 @@ def list_folder(url: str, storage: StorageOptions | None) -> list[FolderFile]:
         base, ext = _split(rel)
         if ext in IMAGE_EXTS:
             images_by_base.setdefault(base, []).append(rel)
+    shards = [rel for rel in sizes if rel.endswith((*TAR_EXTS, PARQUET_EXT))]
+    if not images_by_base and shards:  # e.g. `wintok download`'s OUTPUT given as it is
+        ext = ".parquet" if all(r.endswith(PARQUET_EXT) for r in shards) else ".tar"
+        raise InputError(f"{redact_url(url)} holds no images but {len(shards)} shard file(s) ({shards[0]}, ...): "
+                         f"give them as inputs, e.g. '{url.rstrip('/')}/*{ext}'")
     sidecars: dict[str, dict[str, str]] = {}  # image rel -> {"text": rel, "meta": rel}
     taken: set[str] = set()
     for rel in sorted(sizes):

@@ -93,7 +93,7 @@ def plan(cfg: JobConfig, opts: StorageOptions) -> list[ShardTask]:
     two units may not name the same output. Kinds and folder units: pipeline/inputs.py."""
     units: list[tuple[str, ShardTask]] = []  # (the URL its stem is made from, the task)
     for url in expand_inputs(cfg.inputs, opts):
-        kind = input_kind(url, cfg.input_format, opts)
+        kind = input_kind(url, cfg.input_format)
         if kind == "folder":
             units += [(name, ShardTask(url, "", 1, kind=kind, files=files))
                       for name, files in folder_units(url, cfg.folder_unit_files, opts)]

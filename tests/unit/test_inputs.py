@@ -209,6 +209,15 @@ def test_input_kind_auto_rules(tmp_path):
     cases = {str(tmp_path / "imgs"): "folder", str(tmp_path / "missing"): "tar", "s3://b/x/00001.tar": "tar",
              "s3://b/x/00001.tar.gz": "tar", "s3://b/x/part-0.parquet": "parquet", "s3://b/photos/": "folder",
              "s3://b/shard-without-ext": "tar", "https://host/dir/": "tar", f"file://{tmp_path}/imgs": "folder"}
-    assert {u: input_kind(u, "auto", None) for u in cases} == cases
-    assert input_kind("s3://b/photos", "folder", None) == "folder"
-    assert input_kind(str(tmp_path / "imgs"), "webdataset", None) == "tar"
+    assert {u: input_kind(u, "auto") for u in cases} == cases
+    assert input_kind("s3://b/photos", "folder") == "folder"
+    assert input_kind(str(tmp_path / "imgs"), "webdataset") == "tar"
+
+
+def test_a_folder_of_shards_is_not_taken_for_an_image_folder(tmp_path):
+    from pipeline.io import InputError
+
+    corpus.make_shards(tmp_path / "dl", 2, 2, seed=3)
+    (tmp_path / "dl" / "00000_stats.json").write_text("{}")
+    with pytest.raises(InputError, match=r"holds no images but 2 shard file\(s\).*dl/\*\.tar"):
+        plan(_job([tmp_path / "dl"]), StorageOptions())
