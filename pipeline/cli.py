@@ -1,5 +1,5 @@
-"""`wintok` command line: tokenize, embed, submit, status, verify, inspect, reconstruct, train,
-convert-checkpoint, fit-semantic-codebook, demo."""
+"""`wintok` command line: tokenize, embed, download, submit, status, verify, inspect, reconstruct,
+train, convert-checkpoint, fit-semantic-codebook, demo."""
 
 from __future__ import annotations
 
@@ -133,6 +133,33 @@ def cmd_tokenize(a: argparse.Namespace, teacher_only: bool = False) -> int:
     summary = run_job(cfg)
     print(json.dumps(summary.to_dict(), indent=1) if a.json else summary.render())
     return EXIT_OK if summary.ok else EXIT_FAILED
+
+
+def _download_args(p: argparse.ArgumentParser) -> None:
+    """`wintok download`'s flags, generated from pipeline/ingest.py's DownloadConfig fields."""
+    from .ingest import DOWNLOAD_FIELDS
+
+    for name, f in DOWNLOAD_FIELDS.items():
+        meta, help = f.metadata, _escape(f.metadata["help"])
+        if meta["positional"]:
+            p.add_argument(name, metavar=name.upper(), help=help)
+        elif f.default is False:
+            p.add_argument(f"--{name.replace('_', '-')}", dest=name, action="store_true", help=help)
+        else:
+            kind = int if isinstance(f.default, int) else str
+            shown = f" (default {f.default})" if f.default is not None else ""
+            p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=f.default,
+                           choices=meta["choices"], help=help + shown)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def cmd_download(a: argparse.Namespace) -> int:
+    from .ingest import DOWNLOAD_FIELDS, DownloadConfig, download
+
+    cfg = DownloadConfig(**{k: getattr(a, k) for k in DOWNLOAD_FIELDS})
+    summary = download(cfg)
+    print(json.dumps(summary.to_dict(), indent=1) if a.json else summary.render(cfg.output))
+    return EXIT_OK if summary.shards else EXIT_FAILED
 
 
 def cmd_status(a: argparse.Namespace) -> int:
@@ -309,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("submit", help="run a job on a Ray cluster through Ray Jobs (same job as tokenize --job)")
     _submit_args(u)
     u.set_defaults(func=cmd_submit)
+    dl = sub.add_parser("download", help="download a URL list into webdataset shards with img2dataset "
+                                         "(the ingest extra)")
+    _download_args(dl)
+    dl.set_defaults(func=cmd_download)
     for name, helptext, func in (("status", "summarise an OUTPUT from its manifests", cmd_status),
                                  ("verify", "check every manifest against its files", cmd_verify)):
         s = sub.add_parser(name, help=helptext)

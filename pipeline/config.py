@@ -24,6 +24,7 @@ DTYPES = ("auto", "bf16", "fp32", "fp16")      # auto: bf16 on CUDA, fp32 on CPU
 DEVICES = ("auto", "cpu", "cuda")
 DECODE_MODES = ("auto", "threads", "processes")
 TINY_PRESET = "wintok-tiny"                    # the few-MB preset (random weights): the demo's model
+INPUT_FORMATS = ("auto", "webdataset", "folder", "parquet")  # pipeline/inputs.py reads them
 
 
 class JobConfigError(ValueError):
@@ -49,6 +50,16 @@ class JobConfig:
     inputs: tuple[str, ...] = option((), "input shards (fsspec URLs, brace ranges {00000..00099}, globs, or a "
                                          ".txt list)", positional=True)
     output: str = option("", "OUTPUT URL: a local folder or an s3:// URL (instead of the last positional argument)")
+    # input kinds (pipeline/inputs.py): tar shards, image folders, Parquet files with image bytes
+    input_format: str = option("auto", "what the inputs are; auto: .parquet files are Parquet, folders are image "
+                                       "folders, anything else a webdataset tar", choices=INPUT_FORMATS)
+    folder_unit_files: int = option(1000, "image folders: files per work unit (one output shard), in sorted order")
+    image_column: str = option("image", "Parquet inputs: the image column ({bytes, path} structs as HF datasets "
+                                        "writes them, or binary)")
+    key_column: str | None = option(None, "Parquet inputs: the key column (default: the row's index in the file)")
+    text_column: str | None = option(None, "Parquet inputs: the column passed through as `text` (a caption)")
+    meta_column: str | None = option(None, "Parquet inputs: the column passed through as `meta` (JSON if not a "
+                                           "string)")
     # model(s): no silent random-weights default, tokenize needs --model (or a teacher)
     model: str | None = option(None, f"model directory, official .pth, or preset name ({TINY_PRESET}...: RANDOM "
                                      "weights); required unless the job file names one", tokenizer=True)
@@ -118,6 +129,8 @@ class JobConfig:
             raise JobConfigError("batch_size, decode_threads and torch_threads must be >= 1, max_retries >= 0")
         if not self.shard_timeout > 0 or not self.stop_grace >= 0:
             raise JobConfigError("shard_timeout must be > 0 seconds and stop_grace >= 0")
+        if self.folder_unit_files < 1:
+            raise JobConfigError("folder_unit_files must be >= 1")
         if self.workers is not None and self.workers < 1:
             raise JobConfigError("workers must be >= 1")
         if self.model is None and self.teacher is None:

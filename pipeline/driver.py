@@ -27,11 +27,21 @@ from .config import JobConfig
 from .io import Storage, StorageOptions
 from .layout import RUN_FILE, failed_rel
 from .lease import Lease, LeaseLost
-from .plan import RunRefused, check_run_file, model_spec, pending, plan, run_fingerprint, storage_options
+from .plan import (
+    RunRefused,
+    check_run_file,
+    input_fingerprint,
+    model_spec,
+    pending,
+    plan,
+    run_fingerprint,
+    storage_options,
+)
 from .pool import ActorPool, actor_failure
 from .protocol import PERMANENT, WORKER_LOST, Reason, ShardResult, ShardTask
 from .retry import RetryPolicy
 from .shard.processor import WorkerConfig
+from .shard.sources import ParquetColumns
 from .signals import RunStopped, trap_sigterm
 from .summary import Progress, Summary
 from .urls import redact_text, redact_url
@@ -52,6 +62,7 @@ def run_job(cfg: JobConfig) -> Summary:
     fp = run_fingerprint(cfg)
     mark("fingerprint")
     shards = plan(cfg, opts)
+    fp.update(input_fingerprint(cfg, shards))
     mark("plan")
     if storage.exists(RUN_FILE) and not cfg.overwrite:
         check_run_file(storage, fp, cfg)  # refuses a different run; writes nothing for the same one
@@ -72,12 +83,12 @@ def run_job(cfg: JobConfig) -> Summary:
 
 class _Scheduler:
     def __init__(self, cfg: JobConfig, storage: Storage, opts: StorageOptions, fp: dict[str, Any],
-                 todo: list[tuple[str, str]], summary: Summary, lease: Lease | None = None) -> None:
+                 todo: list[ShardTask], summary: Summary, lease: Lease | None = None) -> None:
         self.cfg, self.storage, self.opts, self.fp, self.summary = cfg, storage, opts, fp, summary
         self.lease = lease  # checked every loop: a run that lost it stops at once (LeaseLost)
         # one policy for shard retries and for workers that die while starting
         self.retry = RetryPolicy(cfg.max_retries, cfg.retry_backoff, cfg.retry_backoff_max)
-        self.todo = deque(ShardTask(u, s, 1) for u, s in todo)
+        self.todo = deque(todo)
         self.delayed: list[tuple[float, ShardTask]] = []
         self.history: dict[str, list[str]] = {}
         self.seq: dict[ShardTask, int] = {}
@@ -143,6 +154,8 @@ class _Scheduler:
             max_image_pixels=self.cfg.max_image_pixels, batch_size=self.cfg.batch_size,
             decode_threads=shape.decode_threads, decode_mode=shape.decode_mode, prefetch=self.cfg.prefetch,
             row_group_rows=self.cfg.row_group_rows, storage=self.opts, torch_threads=shape.torch_threads,
+            parquet=ParquetColumns(self.cfg.image_column, self.cfg.key_column, self.cfg.text_column,
+                                   self.cfg.meta_column),
             lease_token=self.lease.token if self.lease else None, fingerprint=self.fp,
         )
         pool = ActorPool(actor_cls, wcfg, shape.actors, self.retry)

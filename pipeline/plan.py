@@ -7,6 +7,7 @@ this run or another (`_run.json`), and which planned shards are not committed ye
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -15,8 +16,10 @@ from typing import Any
 from schemas import SCHEMA_VERSION, fingerprint_digest
 
 from .config import JobConfig
+from .inputs import folder_units, input_kind, naming_url
 from .io import Storage, StorageOptions, expand_inputs, s3_options
 from .layout import FAILED_DIR, MANIFEST_DIR, RUN_FILE
+from .protocol import ShardTask
 from .shard.encode import ModelSpec
 from .urls import StemError, normalize_stem, redact_text, redact_url, shard_stems
 
@@ -114,21 +117,41 @@ def _teacher_identity(spec: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- plan and resume
-def plan(cfg: JobConfig, opts: StorageOptions) -> list[tuple[str, str]]:
-    """(input URL, output stem) of every shard of the job, in input order; two inputs may not
-    name the same output."""
-    urls = expand_inputs(cfg.inputs, opts)
+def plan(cfg: JobConfig, opts: StorageOptions) -> list[ShardTask]:
+    """The first attempt at every work unit of the job, in input order (a folder's units in theirs);
+    two units may not name the same output. Kinds and folder units: pipeline/inputs.py."""
+    units: list[tuple[str, ShardTask]] = []  # (the URL its stem is made from, the task)
+    for url in expand_inputs(cfg.inputs, opts):
+        kind = input_kind(url, cfg.input_format)
+        if kind == "folder":
+            units += [(name, ShardTask(url, "", 1, kind=kind, files=files))
+                      for name, files in folder_units(url, cfg.folder_unit_files, opts)]
+        else:
+            units.append((naming_url(url, kind), ShardTask(url, "", 1, kind=kind)))
     try:
-        names = shard_stems(urls)
+        names = shard_stems([name for name, _ in units])
     except StemError as e:
         raise RunRefused(str(e)) from None
-    stems: dict[str, str] = {}
-    for url, stem in zip(urls, names, strict=True):
+    stems: dict[str, ShardTask] = {}
+    for (name, task), stem in zip(units, names, strict=True):
         if stem in stems:
-            raise RunRefused(f"inputs {redact_url(stems[stem])} and {redact_url(url)} would write the same "
+            raise RunRefused(f"inputs {redact_url(stems[stem].url)} and {redact_url(name)} would write the same "
                              f"output {stem}")
-        stems[stem] = url
-    return [(url, stem) for stem, url in stems.items()]
+        stems[stem] = dataclasses.replace(task, stem=stem)
+    return list(stems.values())
+
+
+def input_fingerprint(cfg: JobConfig, shards: list[ShardTask]) -> dict[str, Any]:
+    """What of the input options decides the output of a run with folder or Parquet units (nothing
+    for tars alone, so that their runs' fingerprints stay as they were)."""
+    kinds = {t.kind for t in shards}
+    fp: dict[str, Any] = {}
+    if "folder" in kinds:
+        fp["folder_unit_files"] = cfg.folder_unit_files
+    if "parquet" in kinds:
+        fp["parquet_columns"] = {"image": cfg.image_column, "key": cfg.key_column, "text": cfg.text_column,
+                                 "meta": cfg.meta_column}
+    return {"inputs": fp} if fp else {}
 
 
 def check_run_file(storage: Storage, fp: dict[str, Any], cfg: JobConfig) -> None:
@@ -170,12 +193,12 @@ def failed_stems(storage: Storage) -> set[str]:
     return {normalize_stem(n[: -len(".json")]) for n in storage.list(FAILED_DIR) if n.endswith(".json")}
 
 
-def pending(cfg: JobConfig, storage: Storage, shards: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], int]:
+def pending(cfg: JobConfig, storage: Storage, shards: list[ShardTask]) -> tuple[list[ShardTask], int]:
     """(the shards still to run, how many of the plan are committed already); with
     `retry_failed`, only the shards that have a `_failed/` record."""
     done = committed_stems(storage)
-    todo = [(u, s) for u, s in shards if s not in done]
+    todo = [t for t in shards if t.stem not in done]
     if cfg.retry_failed:
         failed = failed_stems(storage)
-        todo = [(u, s) for u, s in todo if s in failed]
-    return todo, sum(1 for _, s in shards if s in done)
+        todo = [t for t in todo if t.stem in failed]
+    return todo, sum(1 for t in shards if t.stem in done)

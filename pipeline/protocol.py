@@ -8,6 +8,7 @@ into a code.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -50,17 +51,32 @@ def failure_reason(exc: BaseException) -> Reason:
     return Reason.WORKER_ERROR
 
 
+INPUT_KINDS = ("tar", "folder", "parquet")  # what a work unit is read as (pipeline/inputs.py decides)
+
+
+@dataclass(frozen=True)
+class FolderFile:
+    """One sample of an image-folder unit: a file below the folder, with its sidecars."""
+
+    rel: str                  # path relative to the folder: the sample's key
+    size: int
+    text: str | None = None   # rel of the `.txt` beside it
+    meta: str | None = None   # rel of the `.json` beside it
+
+
 @dataclass(frozen=True)
 class ShardTask:
-    """One attempt at one input shard."""
+    """One attempt at one work unit: a tar shard, a Parquet file, or N files of an image folder."""
 
     url: str
     stem: str
     attempt: int
     safe_mode: bool = False   # decode in child processes (after a worker died on this shard)
+    kind: str = "tar"         # one of INPUT_KINDS
+    files: tuple[FolderFile, ...] = ()  # kind "folder": the unit's files, in order (`url` is the folder)
 
     def retry(self, safe_mode: bool = False) -> ShardTask:
-        return ShardTask(self.url, self.stem, self.attempt + 1, self.safe_mode or safe_mode)
+        return dataclasses.replace(self, attempt=self.attempt + 1, safe_mode=self.safe_mode or safe_mode)
 
 
 @dataclass(frozen=True)

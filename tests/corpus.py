@@ -234,3 +234,30 @@ def truncated_tar_bytes(samples: Sequence[Sample] | None = None, where: str = "m
 def not_a_tar_bytes() -> bytes:
     """Bytes that are not a tar (what an HTML error page or a wrong object would give)."""
     return b"<html><body>This is not a tar archive.</body></html>\n" * 40
+
+
+def write_image_folder(root: str | os.PathLike[str], n: int = 7, seed: int = 1) -> dict[str, bytes]:
+    """An image folder tree: n good images in ``a/`` and ``b/c/``, every other one with a ``.txt``
+    caption beside it, every third with a ``.json``; plus ``notes.md`` (not an image) and
+    ``b/broken.jpg`` (not decodable). Returns rel path -> bytes of the good images."""
+    root = os.fspath(root)
+    images = {}
+    for i, (key, data, ext) in enumerate(good_images(n, seed=seed)):
+        rel = f"{'a' if i < n // 2 else 'b/c'}/{key}.{ext}"
+        os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
+        with open(os.path.join(root, rel), "wb") as f:
+            f.write(data)
+        images[rel] = data
+        base = os.path.join(root, rel.rsplit(".", 1)[0])
+        if i % 2 == 0:
+            with open(f"{base}.txt", "w") as f:
+                f.write(f"caption {key}")
+        if i % 3 == 0:
+            with open(f"{base}.json", "w") as f:
+                json.dump({"k": key}, f)
+    with open(os.path.join(root, "notes.md"), "w") as f:
+        f.write("not an image")
+    os.makedirs(os.path.join(root, "b"), exist_ok=True)
+    with open(os.path.join(root, "b", "broken.jpg"), "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return images

@@ -14,13 +14,13 @@ import logging
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any
 
 from schemas import fingerprint_digest, tokens_schema
 
 from ..config import MAX_IMAGE_PIXELS, RESIZE_MODES
 from ..faults import failpoint
-from ..io import Storage, StorageOptions, input_info, open_input
+from ..io import Storage, StorageOptions
 from ..lease import check_fence
 from ..preprocess import PreprocessConfig
 from ..protocol import PERMANENT, Reason, ShardResult, ShardTask, failure_reason
@@ -29,8 +29,8 @@ from .batch import BufferPool, batches
 from .decode import Decoder, decode_kind
 from .encode import ModelSpec, Runner, encode
 from .errors import ShardReadError
-from .samples import iter_samples
 from .sink import ShardSink
+from .sources import ParquetColumns, SampleSource, open_source
 from .stage import Chain, StageStats
 
 log = logging.getLogger("wintok")
@@ -51,6 +51,7 @@ class WorkerConfig:
     row_group_rows: int = 1024
     torch_threads: int | None = None
     storage: StorageOptions = field(default_factory=StorageOptions)
+    parquet: ParquetColumns = field(default_factory=ParquetColumns)  # Parquet inputs' columns
     lease_token: str | None = None  # the run's lease token: every commit checks it (None: no check)
     fingerprint: dict[str, Any] = field(default_factory=dict)  # the run's: in every file's metadata
     node: str = ""  # the Ray node the worker runs on (set by the actor): recorded in each manifest
@@ -108,12 +109,9 @@ class ShardProcessor:
         try:
             decoder = self._decoder(task.safe_mode)
             try:
-                with open_input(task.url, self.config.storage) as stream:
-                    # size and ETag of the bytes actually read (the stream refuses a changed object)
-                    size, etag = getattr(stream, "size", None), getattr(stream, "etag", None)
-                    if size is None:
-                        size, etag = input_info(task.url, self.config.storage)
-                    self._run(stream, task.url, decoder, sink)
+                with open_source(task, self.config.storage, self.config.parquet) as source:
+                    size, etag = source.size, source.etag
+                    self._run(source, decoder, sink)
             finally:
                 if decoder is not self.decoder:
                     decoder.close()
@@ -130,13 +128,14 @@ class ShardProcessor:
         finally:
             sink.cleanup()
 
-    def _run(self, stream: BinaryIO, url: str, decoder: Decoder, sink: ShardSink) -> None:
-        """The shard path: tar -> samples -> decode -> batch | model | sink (`|`: a thread boundary)."""
+    def _run(self, source: SampleSource, decoder: Decoder, sink: ShardSink) -> None:
+        """The shard path: input -> samples -> decode -> batch | model | sink (`|`: a thread boundary);
+        the input is a tar, a Parquet file or a folder unit (pipeline/shard/sources.py)."""
         chain = Chain()
         self.stats = chain.stats
         chain.stats["write"] = sink.stats  # within the sink: Arrow rows and local Parquet
         try:
-            samples = chain.source("read", iter_samples(stream, url))
+            samples = chain.source("read", source.samples())
             decoded = chain.stage("decode", decoder.map, samples)
             batched = chain.stage("batch", batches, decoded, self.pool, self.config.batch_size)
             batched = chain.thread(batched, self.config.prefetch, "shard-reader")
