@@ -54,10 +54,13 @@ def _job_args(p: argparse.ArgumentParser, teacher_only: bool = False) -> None:
 
 def model_required() -> str:
     """The one line for tokenize without a model; names the presets (imports torch: error path only)."""
+    from wintok_model.checkpoint import shipped_models
     from wintok_model.config import PRESETS
 
-    return (f"tokenize needs --model: a model directory, an official .pth, or a preset name "
-            f"({', '.join(PRESETS)}: RANDOM weights); teacher embeddings only: `wintok embed` or --no-tokenizer")
+    shipped = shipped_models()
+    return ("tokenize needs --model: a model directory, an official .pth, "
+            + (f"a shipped trained model ({', '.join(shipped)}), " if shipped else "")
+            + f"or a preset name ({', '.join(p for p in PRESETS if p not in shipped)}: RANDOM weights); teacher embeddings only: `wintok embed` or --no-tokenizer")
 
 
 def _job_from_args(a: argparse.Namespace, teacher_only: bool) -> Any:
@@ -84,9 +87,9 @@ def _job_from_args(a: argparse.Namespace, teacher_only: bool) -> Any:
 
 def preset_warning(model: str | None) -> str | None:
     """The one line to print when `model` names a preset (random weights), else None."""
-    from wintok_model.config import PRESETS
+    from wintok_model.checkpoint import is_random_preset
 
-    if model is None or model not in PRESETS or os.path.exists(model):
+    if not is_random_preset(model):
         return None
     return (f"wintok: warning: model {model!r} is a preset with RANDOM weights: its tokens mean nothing; "
             "give --model a trained checkpoint (a model directory or an official .pth) for real tokens")

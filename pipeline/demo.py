@@ -1,9 +1,10 @@
 """`wintok demo`: the embedded default job.
 
 Writes a small corpus of real photos (the sample images scikit-image ships) as webdataset
-tar shards, with two deliberately broken samples, tokenizes it with the `wintok-tiny` preset
-on a local Ray (CPU is fine), and prints where the output is and how to read it. The tiny
-preset has RANDOM weights: the ids are real tokens of a real (untrained) model.
+tar shards, with two deliberately broken samples, tokenizes it with `wintok-mini` (the small
+WinTok this package trains and ships; `wintok-tiny`'s random weights if it is missing) on a
+local Ray (CPU is fine), prints where the output is and how to read it, and ends with a grid
+of originals beside their reconstructions from the pixel ids, with PSNR.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "hubble
 
 # photos wintok-mini never saw in training: its reconstruction PSNR is measured on these
 HELD_OUT = ("chelsea", "coins", "clock")
+MINI = "wintok-mini"
 
 
 def _photos(names: list[str] | tuple[str, ...] = tuple(PHOTOS)) -> list[tuple[str, bytes]]:
@@ -73,6 +75,8 @@ def write_corpus(directory: str, shards: int = 4, names: list[str] | tuple[str, 
 
 
 def run_demo(directory: str, workers: int | None = None) -> int:
+    from wintok_model.checkpoint import shipped_models
+
     from .config import TINY_PRESET, JobConfig
     from .driver import run_job
     from .status import render, status
@@ -81,9 +85,14 @@ def run_demo(directory: str, workers: int | None = None) -> int:
     output = os.path.abspath(os.path.join(directory, "output"))
     paths = write_corpus(corpus)
     print(f"corpus: {len(paths)} shards of scikit-image sample photos in {corpus}")
-    print(f"model: {TINY_PRESET} preset with RANDOM weights (no trained checkpoint ships with this package)")
+    model = MINI if MINI in shipped_models() else TINY_PRESET
+    if model == MINI:
+        print(f"model: {MINI}, the small WinTok trained by this package (64 px, 4 codebooks of 1024; "
+              f"held-out photos: {', '.join(HELD_OUT)})")
+    else:
+        print(f"model: {TINY_PRESET} preset with RANDOM weights (the package's trained {MINI} is missing)")
     cfg = JobConfig(inputs=(f"{corpus}/{{00000..{len(paths) - 1:05d}}}.tar",), output=output,
-                    model=TINY_PRESET, workers=workers, batch_size=8, max_retries=1, retry_backoff=0.5)
+                    model=model, workers=workers, batch_size=8, max_retries=1, retry_backoff=0.5)
     summary = run_job(cfg)
     print(summary.render())
     print()
@@ -92,4 +101,13 @@ def run_demo(directory: str, workers: int | None = None) -> int:
     print(f"\noutput: {output}\nread it with:\n"
           f"  {sys.executable} -c \"import pyarrow.parquet as pq; from schemas import column_to_numpy; t = pq.read_table('{first}'); "
           f"print(t.schema); print(column_to_numpy(t, 'pixel_ids').shape)\"")
+    if summary.ok:
+        from .reconstruct import grid_png, reconstruct
+
+        grid = os.path.abspath(os.path.join(directory, "reconstruction.png"))
+        result = reconstruct(output, model, n=16)
+        grid_png(result, grid)
+        mean = result.mean_psnr
+        print(f"reconstructions of the first {len(result.keys)} images (original | decoded from the pixel ids): "
+              f"{grid}" + (f", mean PSNR {mean:.1f} dB" if mean is not None else ""))
     return 0 if summary.ok else 1

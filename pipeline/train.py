@@ -39,6 +39,8 @@ class TrainConfig:
     inputs: tuple[str, ...]                # webdataset shards (fsspec URLs, brace ranges, globs)
     output: str                            # checkpoints/, loss_log.jsonl, loss.png, final/
     model: str = "wintok-tiny"             # preset (random init) or a model directory to fine-tune
+    from_scratch: bool = False             # `model` names a preset: start from its random init even
+                                           # where a trained model of that name ships (wintok-mini)
     cache: str | None = None               # OUTPUT holding teacher_embedding for these shards
     teacher: str | None = None             # local HF teacher folder, run online when no cache
     steps: int = 1000
@@ -251,7 +253,16 @@ class Trainer:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a preset here is a random init on purpose
-            self.model = load_model(os.path.join(resume, "model") if resume else cfg.model).to(self.device)
+            if resume:
+                self.model = load_model(os.path.join(resume, "model"))
+            elif cfg.from_scratch:
+                from wintok_model import WinTok
+                from wintok_model.config import get_preset
+
+                self.model = WinTok(get_preset(cfg.model))
+            else:
+                self.model = load_model(cfg.model)
+            self.model = self.model.to(self.device)
         self.model.train()
         decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.ndim >= 2]
         rest = [p for n, p in self.model.named_parameters() if p.requires_grad and p.ndim < 2]

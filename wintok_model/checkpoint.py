@@ -285,8 +285,34 @@ def load_pretrained(directory: str) -> WinTok:
     return model.eval()
 
 
+# Trained models that ship inside the package, by name: wintok_model/weights/<name>/ in our
+# directory format. A shipped name wins over a preset of the same name (the preset is its shape,
+# for training it from scratch).
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+
+
+def shipped_models() -> list[str]:
+    if not os.path.isdir(WEIGHTS_DIR):
+        return []
+    return sorted(n for n in os.listdir(WEIGHTS_DIR) if os.path.isfile(os.path.join(WEIGHTS_DIR, n, WEIGHTS_NAME)))
+
+
+def resolve_spec(spec: str) -> str:
+    """A shipped model's name -> its packaged directory; anything else unchanged."""
+    if spec and not os.path.exists(spec) and spec in shipped_models():
+        return os.path.join(WEIGHTS_DIR, spec)
+    return spec
+
+
+def is_random_preset(spec: str | None) -> bool:
+    """True when `spec` loads a preset with random weights (not a shipped model, not a path)."""
+    return bool(spec) and spec in PRESETS and resolve_spec(spec) == spec and not os.path.exists(spec)
+
+
 def load_model(spec: str, encoder_config: str | None = None, allow_pickle: bool = False) -> WinTok:
-    """A preset name, one of our directories, or an official .pth file -> WinTok in eval mode."""
+    """A shipped model's name, a preset name, one of our directories, or an official .pth file ->
+    WinTok in eval mode."""
+    spec = resolve_spec(spec)
     if spec in PRESETS and not os.path.exists(spec):
         warnings.warn(f"preset {spec!r} has RANDOM weights: its tokens mean nothing", stacklevel=2)
         return WinTok(get_preset(spec)).eval()
@@ -313,6 +339,7 @@ def convert_checkpoint(src: str, out_dir: str, encoder_config: str | None = None
 
 def weights_sha256(spec: str) -> str:
     """sha256 of the weights file behind a model spec ('preset:<name>' for presets)."""
+    spec = resolve_spec(spec)
     if spec in PRESETS and not os.path.exists(spec):
         return f"preset:{spec}"
     path = os.path.join(spec, WEIGHTS_NAME) if os.path.isdir(spec) else spec
@@ -325,6 +352,7 @@ def weights_sha256(spec: str) -> str:
 
 def check_model(spec: str, encoder_config: str | None = None, allow_pickle: bool = False) -> WinTokConfig:
     """Validate a model spec without building weights: config readable, keys and shapes match."""
+    spec = resolve_spec(spec)
     if spec in PRESETS and not os.path.exists(spec):
         return get_preset(spec)
     if os.path.isdir(spec) or spec.endswith(".safetensors"):
