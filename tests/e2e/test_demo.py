@@ -23,3 +23,11 @@ def test_demo_prints_one_speed_figure(tmp_path, ray_session, capsys):
     images, errors = int(counts.group(1)), int(counts.group(2))
     assert m and images > 0 and errors == 2  # the demo's two broken samples: not images, not counted
     assert float(m.group(1)) == pytest.approx(images / float(m.group(2)), rel=0.02, abs=0.02)
+    # the Quickstart's demo ends with a reconstruction grid of the trained wintok-mini
+    assert "model: wintok-mini, the small WinTok trained by this package" in out
+    grid = re.search(r"reconstructions of the first (\d+) images .*?: (\S+\.png), mean PSNR ([\d.]+) dB", out)
+    assert grid and int(grid.group(1)) == 16 and float(grid.group(3)) > 18, out
+    from PIL import Image
+
+    with Image.open(grid.group(2)) as im:
+        assert im.format == "PNG"
