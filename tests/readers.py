@@ -23,7 +23,6 @@ def build_output(root: Path, sizes: list[int], teacher: str | None = None, broke
     from pipeline.config import JobConfig
     from pipeline.io import Storage
     from pipeline.plan import check_run_file, model_spec, plan, run_fingerprint, storage_options
-    from pipeline.protocol import ShardTask
     from pipeline.shard.processor import ShardProcessor, WorkerConfig
 
     os.makedirs(root / "in", exist_ok=True)
@@ -56,8 +55,8 @@ def build_output(root: Path, sizes: list[int], teacher: str | None = None, broke
     proc = ShardProcessor(WorkerConfig(output=cfg.output, model=model_spec(cfg), batch_size=8, decode_threads=1,
                                        row_group_rows=row_group_rows, fingerprint=fp, storage=opts))
     try:
-        for url, stem in plan(cfg, opts):
-            res = proc.process(ShardTask(url, stem, 1))
+        for task in plan(cfg, opts):
+            res = proc.process(task)
             assert res.ok, res
     finally:
         proc.close()
