@@ -14,6 +14,28 @@ from pathlib import Path
 from tests import corpus
 
 
+def process_shards(shards: list[str], output: Path, model, **worker) -> Path:
+    """Run the shard processor in-process over `shards` (stems 00000, 00001, ...) into `output`,
+    with a minimal `_run.json` as a run leaves: an OUTPUT without Ray."""
+    import json
+
+    from pipeline.protocol import ShardTask
+    from pipeline.shard.processor import ShardProcessor, WorkerConfig
+    from schemas import SCHEMA_VERSION
+
+    proc = ShardProcessor(WorkerConfig(output=str(output), model=model,
+                                       **{"batch_size": 4, "decode_threads": 1, **worker},
+                                       fingerprint={"schema_version": SCHEMA_VERSION}))
+    try:
+        for i, url in enumerate(shards):
+            res = proc.process(ShardTask(str(url), f"{i:05d}", 1))
+            assert res.ok, res
+    finally:
+        proc.close()
+    (output / "_run.json").write_text(json.dumps({"fingerprint": {"schema_version": SCHEMA_VERSION}}))
+    return output
+
+
 def build_output(root: Path, sizes: list[int], teacher: str | None = None, broken: dict[int, int] | None = None,
                  row_group_rows: int = 3, uncommitted: int = 0, s3: tuple | None = None) -> dict:
     """{'output', 'inputs' (committed shards' urls), 'extra' (uncommitted input urls), 'plan'}.

@@ -337,17 +337,21 @@ def convert_checkpoint(src: str, out_dir: str, encoder_config: str | None = None
     return model
 
 
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def weights_sha256(spec: str) -> str:
     """sha256 of the weights file behind a model spec ('preset:<name>' for presets)."""
     spec = resolve_spec(spec)
     if spec in PRESETS and not os.path.exists(spec):
         return f"preset:{spec}"
     path = os.path.join(spec, WEIGHTS_NAME) if os.path.isdir(spec) else spec
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def check_model(spec: str, encoder_config: str | None = None, allow_pickle: bool = False) -> WinTokConfig:

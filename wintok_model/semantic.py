@@ -14,7 +14,6 @@ The file format: ``<name>.safetensors`` (the centroids) + ``<name>.json`` (what 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -163,11 +162,9 @@ def load_codebook(path: str) -> SemanticCodebook:
 
 
 def codebook_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    from .checkpoint import file_sha256
+
+    return file_sha256(path)
 
 
 # ---------------------------------------------------------------------- fitting

@@ -15,11 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.protocol import ShardTask
 from pipeline.shard.encode import ModelSpec
-from pipeline.shard.processor import ShardProcessor, WorkerConfig
-from schemas import SCHEMA_VERSION, as_tensor_extension, tensor_to_numpy
+from schemas import as_tensor_extension, tensor_to_numpy
 from tests import corpus
+from tests.readers import process_shards
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 TENSORS = ("pixel_ids", "semantic_pooled", "semantic_tokens")
@@ -34,16 +33,7 @@ def snippets() -> dict[str, str]:
 def output(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("readers")
     shards = corpus.make_shards(tmp / "in", 2, 5, seed=11)
-    proc = ShardProcessor(WorkerConfig(
-        output=str(tmp / "out"), batch_size=4, decode_threads=1,
-        model=ModelSpec(model="wintok-tiny", device="cpu", semantic_tokens=True),
-        fingerprint={"schema_version": SCHEMA_VERSION}))
-    try:
-        for i, url in enumerate(shards):
-            assert proc.process(ShardTask(url, f"{i:05d}", 1)).ok
-    finally:
-        proc.close()
-    return tmp / "out"
+    return process_shards(shards, tmp / "out", ModelSpec(model="wintok-tiny", device="cpu", semantic_tokens=True))
 
 
 def truth(output: Path) -> dict[str, dict[str, np.ndarray]]:

@@ -9,12 +9,10 @@ import torch
 import transformers as tf
 
 from pipeline.cli import main
-from pipeline.protocol import ShardTask
 from pipeline.shard.encode import ModelSpec
-from pipeline.shard.processor import ShardProcessor, WorkerConfig
 from pipeline.train import TrainConfig, TrainConfigError, Trainer, lr_at
-from schemas import SCHEMA_VERSION
 from tests import corpus
+from tests.readers import process_shards
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +25,7 @@ def data(tmp_path_factory):
     tf.SiglipVisionModel(tf.SiglipVisionConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                                                num_attention_heads=4, image_size=32, patch_size=8)
                          ).save_pretrained(tmp / "teacher")
-    proc = ShardProcessor(WorkerConfig(output=str(tmp / "cache"), batch_size=4, decode_threads=1,
-                                       model=ModelSpec(model="wintok-tiny", teacher=str(tmp / "teacher"), device="cpu"),
-                                       fingerprint={"schema_version": SCHEMA_VERSION}))
-    try:
-        for i, url in enumerate(shards):
-            assert proc.process(ShardTask(url, f"{i:05d}", 1)).ok
-    finally:
-        proc.close()
-    (tmp / "cache" / "_run.json").write_text(json.dumps({"fingerprint": {"schema_version": SCHEMA_VERSION}}))
+    process_shards(shards, tmp / "cache", ModelSpec(model="wintok-tiny", teacher=str(tmp / "teacher"), device="cpu"))
     (tmp / "cache_half").mkdir()
     import shutil
 
