@@ -217,10 +217,10 @@ def cmd_reconstruct(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .train import TrainConfig, Trainer
+    from .train import TrainConfig, train
 
     cfg = TrainConfig.from_yaml(a.config, output=a.output, steps=a.steps)
-    result = Trainer(cfg).run()
+    result = train(cfg)
     print(json.dumps(result, indent=1, default=str) if a.json else
           f"trained {result['steps']} steps in {result['seconds']:.0f} s; last loss {result['last'].get('loss', 0):.4f}; "
           f"model: {result['final']}" + (f"; loss plot: {result['plot']}" if result["plot"] else "")

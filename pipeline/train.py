@@ -1,11 +1,24 @@
 """`wintok train CONFIG.yaml`: train or fine-tune WinTok on webdataset shards, distilled from
 cached teacher embeddings (an OUTPUT of `tokenize`/`embed`) or from a teacher run online.
 
-One process (CPU, or one GPU in bf16). The data stream is deterministic in (seed, epoch):
-shard order shuffled per epoch, samples through a bounded shuffle buffer, each sample's
-augmentation drawn from (seed, epoch, position). A checkpoint holds the model (our directory
-format), the optimizer and the data position; resuming replays the epoch's raw stream up to
-that position without decoding it and continues with the same next batch.
+One process (CPU, or one GPU in bf16), or `workers: N` processes under Ray Train
+(`TorchTrainer`, DDP: gloo on CPUs, nccl on GPUs) running the same `Trainer` loop. The data
+stream is deterministic in (seed, epoch): shard order shuffled per epoch, samples through a
+bounded shuffle buffer, each sample's augmentation drawn from (seed, epoch, position). A
+checkpoint holds the model (our directory format), the optimizer and the data position;
+resuming replays the epoch's raw stream up to that position without decoding it and continues
+with the same next batch.
+
+Several workers: rank r decodes the positions p of the epoch's stream with p % world == r
+(every rank reads all the raw bytes, world x the reading; the decode and augmentation, the
+larger part of a CPU step here, are split), takes
+`batch_size` of them per micro-batch, and DDP averages the gradients: one step sees
+batch_size x world samples, the same set as one process with batch_size x world when no
+sample is undecodable and an epoch's length divides by world. Striding rather than splitting
+shards keeps resume exact and simple: each rank's (epoch, position) in the one stream is its
+whole data state, and the checkpoint's state.json lists them (`ranks`); a checkpoint resumes
+only with the number of workers that wrote it. Only rank 0 writes the log, the checkpoints
+and final/; logged losses are the mean over ranks.
 
 Augmentation: random resized crops (area `min_scale`..1, aspect 3/4..4/3) and horizontal
 flips of the student's input. The teacher's embedding always belongs to the image as the
@@ -14,6 +27,7 @@ pipeline preprocesses it (centre crop), which is also what a cache holds.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -60,13 +74,17 @@ class TrainConfig:
     shuffle_buffer: int = 256
     threads: int = 0                       # torch intra-op threads (0: torch's default)
     losses: dict[str, float] = dataclasses.field(default_factory=dict)  # LossWeights overrides
+    workers: int = 1                       # > 1: that many DDP processes under Ray Train
+    use_gpu: bool | None = None            # workers > 1: one GPU each (None: when the cluster has them)
+    address: str | None = None             # workers > 1: Ray cluster to join (else RAY_ADDRESS, else local)
 
     def __post_init__(self) -> None:
         if not self.inputs:
             raise TrainConfigError("inputs: give at least one shard URL")
         if self.cache and self.teacher:
             raise TrainConfigError("give either cache (cached teacher embeddings) or teacher (online), not both")
-        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "shuffle_buffer"):
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "shuffle_buffer",
+                     "workers"):
             if getattr(self, name) <= 0:
                 raise TrainConfigError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -191,14 +209,14 @@ class TrainData:
         while buffer:
             yield buffer.pop(int(rng.integers(len(buffer))))
 
-    def stream(self, epoch: int, skip: int = 0) -> Iterator[tuple[int, Example]]:
-        """(position in the epoch, example) from position `skip` on."""
+    def stream(self, epoch: int, skip: int = 0, rank: int = 0, world: int = 1) -> Iterator[tuple[int, Example]]:
+        """(position in the epoch, example) from position `skip` on, the positions of `rank` of `world`."""
         from .preprocess import PreprocessConfig, decode_image
         from .shard.errors import SampleError
 
         pre = PreprocessConfig(image_size=self.size)
         for pos, (key, data, emb) in enumerate(self._raw(epoch)):
-            if pos < skip:
+            if pos < skip or pos % world != rank:
                 continue
             try:
                 plain = decode_image(data, pre).pixels
@@ -228,8 +246,44 @@ def _latest(output: str) -> str | None:
         return os.path.join(output, "checkpoints", f.read().strip())
 
 
+def _resume_state(output: str, world: int) -> tuple[str | None, dict[str, Any]]:
+    """The checkpoint to resume from and its state.json, refused if another number of workers wrote it."""
+    resume = _latest(output)
+    if not resume:
+        return None, {}
+    with open(os.path.join(resume, "state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    wrote = len(state.get("ranks") or [None])
+    if wrote != world:
+        raise TrainConfigError(f"{resume} was written by {wrote} worker(s): resume it with workers: {wrote} "
+                               "(each worker's data position is its own)")
+    return resume, state
+
+
+def _step_module(model: Any, weights: Any) -> Any:
+    """The training forward as a module's forward: DDP syncs gradients only for what runs
+    through its own forward, so it wraps this module whole (the scalar losses are its output)."""
+    import torch
+
+    from wintok_model.training import training_forward
+
+    class Step(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: Any, emb: Any) -> dict[str, Any]:
+            out = training_forward(self.model, x, emb, weights)
+            return {k: v for k, v in out.items() if v.ndim == 0}
+
+    return Step()
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig) -> None:
+    """The training loop. `rank`/`world` > 1: one of `world` DDP processes (a Ray Train worker,
+    torch.distributed already set up); rank 0 alone writes the output."""
+
+    def __init__(self, cfg: TrainConfig, rank: int = 0, world: int = 1, device: Any = None) -> None:
         import torch
 
         from wintok_model.checkpoint import load_model
@@ -237,17 +291,17 @@ class Trainer:
 
         from .shard.encode import pick_device, pick_dtype
 
-        self.cfg = cfg
+        self.cfg, self.rank, self.world = cfg, rank, world
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = pick_device(cfg.device)
+        self.device = device if device is not None else pick_device(cfg.device)
         self.dtype = pick_dtype(cfg.dtype, self.device)
         try:
             self.weights = LossWeights(**cfg.losses)
         except TypeError as e:
             raise TrainConfigError(f"losses: {e}") from None
         self.step, self.epoch, self.position = 0, 0, 0
-        resume = _latest(cfg.output)
+        resume, state = _resume_state(cfg.output, world)
         torch.manual_seed(cfg.seed)
         import warnings
 
@@ -264,15 +318,21 @@ class Trainer:
                 self.model = load_model(cfg.model)
             self.model = self.model.to(self.device)
         self.model.train()
+        self.net = _step_module(self.model, self.weights)
+        if world > 1:  # DDP; prepare_model picks gloo / nccl's device as Ray Train set it up
+            from ray.train.torch import prepare_model
+
+            self.net = prepare_model(self.net, move_to_device=False,
+                                     parallel_strategy_kwargs={"find_unused_parameters": True})
         decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.ndim >= 2]
         rest = [p for n, p in self.model.named_parameters() if p.requires_grad and p.ndim < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                       {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
         if resume:
-            self.opt.load_state_dict(torch.load(os.path.join(resume, "optimizer.pt"), weights_only=True))
-            with open(os.path.join(resume, "state.json"), encoding="utf-8") as f:
-                state = json.load(f)
-            self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+            self.opt.load_state_dict(torch.load(os.path.join(resume, "optimizer.pt"), weights_only=True,
+                                                map_location=self.device))
+            self.step = state["step"]
+            self.epoch, self.position = state["ranks"][rank] if world > 1 else (state["epoch"], state["position"])
             log.info("train: resumed from %s (step %d)", resume, self.step)
         self.teacher = None
         if cfg.teacher:
@@ -285,13 +345,14 @@ class Trainer:
     def _next(self) -> Example:
         while True:
             if self._stream is None:
-                self._stream = self.data.stream(self.epoch, self.position)
+                self._stream = self.data.stream(self.epoch, self.position, self.rank, self.world)
             for pos, ex in self._stream:
                 self.position = pos + 1
                 return ex
             if self.position == 0:
                 raise TrainConfigError("the inputs hold no usable image" +
-                                       (" with a cached embedding" if self.cfg.cache else ""))
+                                       (" with a cached embedding" if self.cfg.cache else "") +
+                                       (f" for worker {self.rank} of {self.world}" if self.world > 1 else ""))
             self.epoch, self.position, self._stream = self.epoch + 1, 0, None
 
     def batch(self) -> tuple[Any, Any]:
@@ -311,41 +372,66 @@ class Trainer:
             emb = None
         return x, emb
 
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world == 1:
+            return values
+        import torch
+        import torch.distributed as dist
+
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {k: float(v) / self.world for k, v in zip(keys, t.tolist(), strict=True)}
+
     def train_step(self) -> dict[str, float]:
         import torch
-
-        from wintok_model.training import training_forward
 
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, self.cfg)
         self.opt.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
-        for _ in range(self.cfg.grad_accum):
+        for i in range(self.cfg.grad_accum):
             x, emb = self.batch()
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-                out = training_forward(self.model, x, emb, self.weights)
-            (out["loss"] / self.cfg.grad_accum).backward()
+            last = i == self.cfg.grad_accum - 1  # DDP: gradients are averaged once, on the last micro-batch
+            sync = contextlib.nullcontext() if self.world == 1 or last else self.net.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                    out = self.net(x, emb)
+                (out["loss"] / self.cfg.grad_accum).backward()
             for k, v in out.items():
-                if v.ndim == 0:
-                    totals[k] = totals.get(k, 0.0) + float(v.detach()) / self.cfg.grad_accum
+                totals[k] = totals.get(k, 0.0) + float(v.detach()) / self.cfg.grad_accum
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.step += 1
+        totals = self._mean_over_ranks(totals)
         totals["lr"] = self.opt.param_groups[0]["lr"]
         return totals
 
-    def save(self) -> str:
+    def _positions(self) -> list[tuple[int, int]]:
+        """Every rank's (epoch, position), on every rank."""
+        if self.world == 1:
+            return [(self.epoch, self.position)]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, (self.epoch, self.position))
+        return [tuple(p) for p in out]
+
+    def save(self, positions: list[tuple[int, int]] | None = None) -> str:
         import torch
 
+        positions = positions or [(self.epoch, self.position)]
         name = f"step-{self.step:07d}"
         final = os.path.join(self.cfg.output, "checkpoints", name)
         tmp = final + ".tmp"
         os.makedirs(tmp, exist_ok=True)
         self.model.save_pretrained(os.path.join(tmp, "model"))
         torch.save(self.opt.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        state: dict[str, Any] = {"step": self.step, "epoch": positions[0][0], "position": positions[0][1]}
+        if len(positions) > 1:
+            state["ranks"] = [list(p) for p in positions]
         with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
-            json.dump({"step": self.step, "epoch": self.epoch, "position": self.position,
-                       "config": dataclasses.asdict(self.cfg)}, f, indent=1, default=str)
+            json.dump({**state, "config": dataclasses.asdict(self.cfg)}, f, indent=1, default=str)
         if os.path.exists(final):
             import shutil
 
@@ -358,27 +444,122 @@ class Trainer:
         return final
 
     def run(self) -> dict[str, Any]:
-        cfg = self.cfg
+        cfg, main = self.cfg, self.rank == 0
         os.makedirs(cfg.output, exist_ok=True)
         log_path = os.path.join(cfg.output, "loss_log.jsonl")
         t0 = time.perf_counter()
         last: dict[str, float] = {}
-        with open(log_path, "a", encoding="utf-8") as logf:
+        with open(log_path, "a", encoding="utf-8") if main else contextlib.nullcontext() as logf:
             while self.step < cfg.steps:
                 last = self.train_step()
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                if main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     logf.write(json.dumps({"step": self.step, **{k: round(v, 6) for k, v in last.items()},
                                            "seconds": round(time.perf_counter() - t0, 2)}) + "\n")
                     logf.flush()
                     log.info("train: step %d loss %.4f", self.step, last["loss"])
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                    self.save()
+                    positions = self._positions()  # every rank takes part; rank 0 writes
+                    if main:
+                        self.save(positions)
+                    self._barrier()  # no rank runs ahead of a checkpoint it might resume from
         self.model.eval()
-        self.model.save_pretrained(os.path.join(cfg.output, "final"))
-        plot = loss_plot(log_path, os.path.join(cfg.output, "loss.png"))
+        plot = None
+        if main:
+            self.model.save_pretrained(os.path.join(cfg.output, "final"))
+            plot = loss_plot(log_path, os.path.join(cfg.output, "loss.png"))
+        counts = self._sum_over_ranks({"bad": self.data.bad})  # each rank decodes its own samples;
+        # every rank reads the whole raw stream, so rank 0's missing count is the stream's
         return {"steps": self.step, "seconds": round(time.perf_counter() - t0, 2), "last": last,
-                "missing_from_cache": self.data.missing, "undecodable": self.data.bad,
+                "missing_from_cache": self.data.missing, "undecodable": int(counts["bad"]),
                 "final": os.path.join(cfg.output, "final"), "plot": plot}
+
+    def _sum_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        return {k: v * self.world for k, v in self._mean_over_ranks(values).items()}
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+# --------------------------------------------------------------------------- several workers
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """`wintok train`: one process, or `cfg.workers` Ray Train workers; the same result either way."""
+    if cfg.workers == 1:
+        return Trainer(cfg).run()
+    return _train_on_ray(cfg)
+
+
+def _train_on_ray(cfg: TrainConfig) -> dict[str, Any]:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .cluster import start_ray
+
+    _resume_state(cfg.output, cfg.workers)  # refused here, before any worker starts
+    start_ray(cfg)  # type: ignore[arg-type]  # it reads only .address, as a job's config has it
+    use_gpu = cfg.use_gpu
+    if use_gpu is None:
+        use_gpu = cfg.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= cfg.workers
+    out = os.path.abspath(cfg.output)  # every worker resolves it alike (a shared filesystem on a cluster)
+    trainer = TorchTrainer(
+        _worker, train_loop_config={"cfg": dataclasses.asdict(dataclasses.replace(cfg, output=out))},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name="wintok-train", storage_path=os.path.join(out, "ray_train")))
+    try:
+        result = trainer.fit()
+    except Exception as e:  # a worker's user error comes back wrapped: keep it one line
+        cause = _user_error_in(e)
+        if cause is not None:
+            raise TrainConfigError(str(cause)) from None
+        raise
+    res = json.loads(result.metrics["result"])
+    res["final"] = os.path.join(cfg.output, "final")  # as given, as one process prints them
+    if res["plot"]:
+        res["plot"] = os.path.join(cfg.output, "loss.png")
+    return res
+
+
+def _user_error_in(e: BaseException | None) -> BaseException | None:
+    """The TrainConfigError a worker raised, inside Ray Train's WorkerGroupError, if any."""
+    while e is not None:
+        if isinstance(e, TrainConfigError):
+            return e
+        for inner in getattr(e, "worker_failures", {}).values():  # ray.train.WorkerGroupError: rank -> error
+            found = _user_error_in(inner)
+            if found is not None:
+                return found
+        e = e.__cause__
+    return None
+
+
+def _worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: the same Trainer as one process, at this worker's rank."""
+    import ray.train
+    from ray.train.torch import get_device
+
+    fields = dict(loop_config["cfg"])
+    fields["inputs"] = tuple(fields["inputs"])
+    cfg = TrainConfig(**fields)
+    ctx = ray.train.get_context()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    trainer = Trainer(cfg, rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=get_device())
+    result = trainer.run()
+    # the result reaches the driver with a (tiny) Ray checkpoint: Ray Train keeps a report's
+    # metrics only with one; the model's own checkpoints are the ones under output/checkpoints
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        metrics = {"result": json.dumps(result, default=str)}
+        if trainer.rank == 0:
+            with open(os.path.join(d, "result.json"), "w", encoding="utf-8") as f:
+                f.write(metrics["result"])
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
 
 
 def loss_plot(log_path: str, png: str) -> str | None:
