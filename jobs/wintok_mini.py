@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-STEPS = 3000
+STEPS = 1200
 
 
 def prepare(directory: str) -> str:
