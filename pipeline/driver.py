@@ -37,7 +37,7 @@ from .plan import (
     run_fingerprint,
     storage_options,
 )
-from .pool import ActorPool, actor_failure
+from .pool import ActorPool, Workers, actor_failure, ray_workers
 from .protocol import PERMANENT, WORKER_LOST, Reason, ShardResult, ShardTask
 from .retry import RetryPolicy
 from .shard.processor import WorkerConfig
@@ -46,15 +46,17 @@ from .signals import RunStopped, trap_sigterm
 from .summary import Progress, Summary
 from .urls import redact_text, redact_url
 from .watchdog import Watchdog
-from .worker import make_actor_class
 
 # the driver's API: run_job and what it returns or raises (the rest lives in plan, pool, summary)
 __all__ = ["RunRefused", "Summary", "model_spec", "run_fingerprint", "run_job", "storage_options"]
 log = logging.getLogger("wintok")
 
 
-def run_job(cfg: JobConfig) -> Summary:
-    """Plan, resume, run; the summary says what happened (`.ok` iff every planned shard is committed)."""
+def run_job(cfg: JobConfig, workers: Workers | None = None) -> Summary:
+    """Plan, resume, run; the summary says what happened (`.ok` iff every planned shard is committed).
+
+    `workers`: how worker actors are made (default: pipeline/worker.py's Ray actor; the scale
+    harness, benchmarks/scale, passes simulated ones)."""
     t0 = time.monotonic()
     mark("run_job")
     opts = storage_options(cfg)
@@ -75,7 +77,7 @@ def run_job(cfg: JobConfig) -> Summary:
         todo, skipped = pending(cfg, storage, shards)  # listed once, under the lease
         summary = Summary(planned=skipped + len(todo) if cfg.retry_failed else len(shards), skipped=skipped)
         if todo:
-            _Scheduler(cfg, storage, opts, fp, todo, summary, lease).run()
+            _Scheduler(cfg, storage, opts, fp, todo, summary, lease, workers).run()
     mark("lease_released")
     summary.wall_seconds = time.monotonic() - t0
     return summary
@@ -83,7 +85,9 @@ def run_job(cfg: JobConfig) -> Summary:
 
 class _Scheduler:
     def __init__(self, cfg: JobConfig, storage: Storage, opts: StorageOptions, fp: dict[str, Any],
-                 todo: list[ShardTask], summary: Summary, lease: Lease | None = None) -> None:
+                 todo: list[ShardTask], summary: Summary, lease: Lease | None = None,
+                 workers: Workers | None = None) -> None:
+        self.workers = workers or ray_workers()
         self.cfg, self.storage, self.opts, self.fp, self.summary = cfg, storage, opts, fp, summary
         self.lease = lease  # checked every loop: a run that lost it stops at once (LeaseLost)
         # one policy for shard retries and for workers that die while starting
@@ -148,7 +152,7 @@ class _Scheduler:
 
         shape = worker_shape(self.cfg, len(self.todo))
         self.summary.workers = shape.actors
-        actor_cls = make_actor_class(shape.num_gpus, shape.num_cpus, cpu_model=not shape.num_gpus)
+        actor_cls = self.workers.actor_class(shape)
         wcfg = WorkerConfig(
             output=self.cfg.output, model=model_spec(self.cfg), resize=self.cfg.resize,
             max_image_pixels=self.cfg.max_image_pixels, batch_size=self.cfg.batch_size,
@@ -158,7 +162,7 @@ class _Scheduler:
                                    self.cfg.meta_column),
             lease_token=self.lease.token if self.lease else None, fingerprint=self.fp,
         )
-        pool = ActorPool(actor_cls, wcfg, shape.actors, self.retry)
+        pool = ActorPool(actor_cls, wcfg, shape.actors, self.retry, self.workers.kill)
         mark("actors_created")
         return pool
 
