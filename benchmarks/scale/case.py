@@ -59,7 +59,7 @@ class S3:
         assert self.p.stdout is not None
         for line in self.p.stdout:
             if line.startswith("http"):
-                self.url = line.strip()
+                self.url, self.backend = line.split()
                 break
 
     def ask(self, cmd: str) -> dict[str, Any]:
@@ -103,7 +103,7 @@ def main() -> None:
     from pipeline.config import JobConfig
     from pipeline.driver import run_job
     from pipeline.io import Storage
-    from pipeline.plan import pending, plan, storage_options
+    from pipeline.plan import storage_options
     from wintok_model import WinTok, get_preset
 
     tmp = tempfile.mkdtemp(prefix="wintok-scale-")
@@ -129,16 +129,47 @@ def main() -> None:
              logging_level="ERROR")
     result: dict[str, Any] = {"shards": n, "store": args.store, "gpus": args.gpus, "hosts": args.hosts,
                               "delay_s": args.delay, "seeded": seeded}
-    if seeded:  # a share already committed: the run below resumes
+    if args.listing_only:  # no run: manifests written straight (99% committed), then plan + listing
+        seeded = result["seeded"] = n - n // 100
+        run = cfg(0, n - 1)
+        from pipeline.plan import check_run_file, run_fingerprint
+
+        check_run_file(Storage(out, storage_options(run)), run_fingerprint(run), run)  # its _run.json
+        names = [f"{i:0{digits}d}" for i in range(seeded)]
+        t = time.monotonic()
+        if s3:
+            import s3fs
+
+            fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3.backend}, skip_instance_cache=True)
+            for k in range(0, seeded, 5000):
+                fs.pipe({f"bench/out/_manifest/{m}.json": b"{}" for m in names[k:k + 5000]}, batch_size=64)
+        else:
+            os.makedirs(os.path.join(out, "_manifest"), exist_ok=True)
+            for m in names:
+                with open(os.path.join(out, "_manifest", f"{m}.json"), "wb") as f:
+                    f.write(b"{}")
+        result["seed_s"] = round(time.monotonic() - t, 1)
+    if seeded and not args.listing_only:  # a share already committed: the run below resumes
         sim = SimWorkers(args.hosts, SimSpec())
         run_job(cfg(0, seeded - 1), sim.workers)
         sim.close()
     if s3:
         s3.ask("reset")
+    full = cfg(0, n - 1)
+    if not args.listing_only:
+        _measure_run(args, result, full, s3)
+    _measure_listing(result, full, out, s3)
+    ray.shutdown()
+    print(json.dumps(result), flush=True)
+
+
+def _measure_run(args: argparse.Namespace, result: dict[str, Any], full: Any, s3: S3 | None) -> None:
+    from benchmarks.scale.sim import SimSpec, SimWorkers
+    from pipeline.driver import run_job
+
     spec = SimSpec(delay=args.delay, rows=args.rows, fail_per_mille=args.fail_per_mille,
                    die_per_mille=args.die_per_mille)
     sim = SimWorkers(args.hosts, spec)
-    full = cfg(0, n - 1)
     c0, t0, ru0 = time.process_time(), time.monotonic(), resource.getrusage(resource.RUSAGE_SELF)
     with RssSampler() as rss:
         summary = run_job(full, sim.workers)
@@ -169,7 +200,13 @@ def main() -> None:
         result["requests_per_committed_shard"] = {k: round(v / max(1, summary.done), 3)
                                                   for k, v in sorted(counts["by_kind"].items())}
         s3.ask("reset")
-    # planning and the resume listing, alone (what a rerun pays before anything starts)
+
+
+def _measure_listing(result: dict[str, Any], full: Any, out: str, s3: S3 | None) -> None:
+    """Planning and the resume listing, alone (what a rerun pays before anything starts)."""
+    from pipeline.io import Storage
+    from pipeline.plan import pending, plan, storage_options
+
     opts = storage_options(full)
     t = time.monotonic()
     shards = plan(full, opts)
@@ -185,8 +222,6 @@ def main() -> None:
     if s3:
         result["resume_listing_requests"] = s3.ask("counts")["by_kind"]
         s3.close()
-    ray.shutdown()
-    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def main() -> None:
     moto.start()
     host, port = moto._server.server_address[:2]  # port 0: the one it got
     proxy = CountingProxy(f"http://{host}:{port}").start()
-    print(proxy.url, flush=True)
+    print(proxy.url, f"http://{host}:{port}", flush=True)  # counted, and moto itself (for seeding)
     lock = threading.Lock()
     for line in sys.stdin:
         cmd = line.strip()

@@ -53,3 +53,27 @@ def test_simulated_workers_commit_exactly_once_and_resume(ray_session, tiny_mode
     assert report["commits"] == dict.fromkeys(failing, 1)
     assert out.list(FAILED_DIR) == []
     assert len(out.list(MANIFEST_DIR)) == N
+
+
+def test_s3_requests_per_committed_shard(ray_session, tiny_model_dir, s3_endpoint, s3fs_client, tmp_path):
+    """On S3 a committed shard costs its two uploads and the two lease reads of its fence (one
+    GET each, no HEAD before it), plus the stale error file's DELETE; the driver adds nothing
+    per shard (it removes `_failed/` records only for the shards that have one)."""
+    from tests.faults.s3proxy import S3FaultProxy
+
+    s3fs_client.mkdir("scale-requests")
+    n = 24
+    with S3FaultProxy(s3_endpoint, history=100_000) as proxy:
+        cfg = JobConfig(inputs=(f"s3://scale-requests/in/{{00..{n - 1}}}.tar",), output="s3://scale-requests/out",
+                        s3_endpoint_url=proxy.url, workers=4, max_retries=0, progress=False, model=tiny_model_dir)
+        summary, report = _run(cfg, SimSpec())
+        assert summary.ok and summary.done == n and set(report["commits"].values()) == {1}
+
+        def count(method: str, path: str) -> int:
+            return len(proxy.requests(method, path))
+
+        assert count("PUT", r"/out/_manifest/") == count("PUT", r"/out/shards/") == n
+        assert count("GET", r"/out/_lease\.json") == 2 * n  # the fences: before the uploads, before the manifest
+        assert count("HEAD", r"/out/_lease\.json") == 0
+        assert count("DELETE", r"/out/_failed/") == 0
+        assert count("DELETE", r"/out/errors/") == n
