@@ -41,6 +41,27 @@ def progress_cost(n: int = 100_000) -> dict[str, float]:
     return out
 
 
+def table(path: str) -> str:
+    """The cases of a --json file as one markdown table (a row per case, in run order)."""
+    rows = [json.loads(ln) for ln in open(path) if ln.strip()]
+    head = ("| shards | store | code | shards/s | driver CPU ms/shard | driver RSS MiB start/peak | slot wait ms "
+            "p50/p90/p99 | worker ms sink/fences/uploads | requests per committed shard | plan s | resume "
+            "listing s (peak MiB) | load |")
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        run, w = r.get("run"), r.get("worker_fixed_ms", {})
+        req = " ".join(f"{k} {v:g}" for k, v in r.get("requests_per_committed_shard", {}).items() if v >= 0.01)
+        out.append("| " + " | ".join(str(x) for x in (
+            r["shards"], r["store"], Path(r["code"]).name,
+            run["shards_per_s"] if run else "-", run["driver_cpu_ms_per_shard"] if run else "-",
+            f"{run['driver_rss_mib_start']:.0f}/{run['driver_rss_mib_peak']:.0f}" if run else "-",
+            f"{run['slot_wait_ms_p50']}/{run['slot_wait_ms_p90']}/{run['slot_wait_ms_p99']}" if run else "-",
+            "/".join(str(w.get(k, "-")) for k in ("sink_rows", "fences", "uploads_manifest")) if w else "-",
+            req or "-", r["plan_s"], f"{r['resume_listing_s']} ({r['resume_listing_peak_mib']})", r["load_1m"],
+        )) + " |")
+    return "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.scale")
     ap.add_argument("--shards", type=int, nargs="+", default=[1000, 10000])
@@ -48,8 +69,12 @@ def main() -> int:
     ap.add_argument("--code", action="append", default=[], help="another checkout to compare (repeatable)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--json", help="append every case's JSON line to this file")
+    ap.add_argument("--table", help="print the cases of this --json file as a markdown table, and stop")
     ap.add_argument("case_args", nargs=argparse.REMAINDER, help="after --: options of benchmarks.scale.case")
     args = ap.parse_args()
+    if args.table:
+        print(table(args.table))
+        return 0
     print(json.dumps({"progress_cost_per_shard": progress_cost()}), flush=True)
     codes = [str(REPO)] + [str(Path(c).resolve()) for c in args.code]
     extra = [a for a in args.case_args if a != "--"]

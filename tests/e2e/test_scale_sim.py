@@ -1,6 +1,6 @@
 """The scale harness's seam: simulated workers (benchmarks/scale/sim.py) through the real driver.
 
-200 shards on 16 simulated slots: a share fails on every attempt (recorded in `_failed/`), a
+120 shards on 8 simulated slots: a share fails on every attempt (recorded in `_failed/`), a
 share kills its slot on the first attempt (replaced, retried); every other shard is committed
 exactly once; the rerun commits only what is left, nothing twice."""
 
@@ -14,13 +14,13 @@ from pipeline.driver import run_job
 from pipeline.io import Storage
 from pipeline.layout import FAILED_DIR, MANIFEST_DIR
 
-N = 200
+N = 120
 
 
 def _cfg(tmp_path, model: str) -> JobConfig:
     # the inputs are never read by simulated workers: planning and naming are the real ones
     return JobConfig(inputs=(str(tmp_path / "in" / f"{{000..{N - 1:03d}}}.tar"),), output=str(tmp_path / "out"),
-                     workers=16, max_retries=1, retry_backoff=0.01, retry_backoff_max=0.01, progress=False,
+                     workers=8, max_retries=1, retry_backoff=0.01, retry_backoff_max=0.01, progress=False,
                      lease_ttl=30.0, model=model)
 
 
@@ -62,7 +62,7 @@ def test_s3_requests_per_committed_shard(ray_session, tiny_model_dir, s3_endpoin
     from tests.faults.s3proxy import S3FaultProxy
 
     s3fs_client.mkdir("scale-requests")
-    n = 24
+    n = 12
     with S3FaultProxy(s3_endpoint, history=100_000) as proxy:
         cfg = JobConfig(inputs=(f"s3://scale-requests/in/{{00..{n - 1}}}.tar",), output="s3://scale-requests/out",
                         s3_endpoint_url=proxy.url, workers=4, max_retries=0, progress=False, model=tiny_model_dir)

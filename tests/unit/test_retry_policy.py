@@ -94,11 +94,13 @@ def test_storage_layers_are_bounded_by_default():
 def _scheduler(tmp_path, **kw):
     from pipeline.config import JobConfig
     from pipeline.driver import _Scheduler
+    from pipeline.protocol import ShardTask
     from pipeline.summary import Progress, Summary
 
     cfg = JobConfig(inputs=(str(tmp_path / "a.tar"),), output=str(tmp_path / "out"), model="wintok-tiny",
                     progress=False, **kw)
-    s = _Scheduler(cfg, pio.Storage(cfg.output), pio.StorageOptions(), {}, [(cfg.inputs[0], "a")], Summary())
+    s = _Scheduler(cfg, pio.Storage(cfg.output), pio.StorageOptions(), {}, [ShardTask(cfg.inputs[0], "a", 1)],
+                   Summary())
     s.bars = Progress(1, enabled=False)
     return s
 
