@@ -30,6 +30,7 @@ from .lease import Lease, LeaseLost
 from .plan import (
     RunRefused,
     check_run_file,
+    failed_stems,
     input_fingerprint,
     model_spec,
     pending,
@@ -37,7 +38,7 @@ from .plan import (
     run_fingerprint,
     storage_options,
 )
-from .pool import ActorPool, actor_failure
+from .pool import ActorPool, Workers, actor_failure, ray_workers
 from .protocol import PERMANENT, WORKER_LOST, Reason, ShardResult, ShardTask
 from .retry import RetryPolicy
 from .shard.processor import WorkerConfig
@@ -46,15 +47,17 @@ from .signals import RunStopped, trap_sigterm
 from .summary import Progress, Summary
 from .urls import redact_text, redact_url
 from .watchdog import Watchdog
-from .worker import make_actor_class
 
 # the driver's API: run_job and what it returns or raises (the rest lives in plan, pool, summary)
 __all__ = ["RunRefused", "Summary", "model_spec", "run_fingerprint", "run_job", "storage_options"]
 log = logging.getLogger("wintok")
 
 
-def run_job(cfg: JobConfig) -> Summary:
-    """Plan, resume, run; the summary says what happened (`.ok` iff every planned shard is committed)."""
+def run_job(cfg: JobConfig, workers: Workers | None = None) -> Summary:
+    """Plan, resume, run; the summary says what happened (`.ok` iff every planned shard is committed).
+
+    `workers`: how worker actors are made (default: pipeline/worker.py's Ray actor; the scale
+    harness, benchmarks/scale, passes simulated ones)."""
     t0 = time.monotonic()
     mark("run_job")
     opts = storage_options(cfg)
@@ -75,7 +78,9 @@ def run_job(cfg: JobConfig) -> Summary:
         todo, skipped = pending(cfg, storage, shards)  # listed once, under the lease
         summary = Summary(planned=skipped + len(todo) if cfg.retry_failed else len(shards), skipped=skipped)
         if todo:
-            _Scheduler(cfg, storage, opts, fp, todo, summary, lease).run()
+            sched = _Scheduler(cfg, storage, opts, fp, todo, summary, lease, workers)
+            sched.failed_records = failed_stems(storage)  # listed once: which commits have a record to remove
+            sched.run()
     mark("lease_released")
     summary.wall_seconds = time.monotonic() - t0
     return summary
@@ -83,7 +88,9 @@ def run_job(cfg: JobConfig) -> Summary:
 
 class _Scheduler:
     def __init__(self, cfg: JobConfig, storage: Storage, opts: StorageOptions, fp: dict[str, Any],
-                 todo: list[ShardTask], summary: Summary, lease: Lease | None = None) -> None:
+                 todo: list[ShardTask], summary: Summary, lease: Lease | None = None,
+                 workers: Workers | None = None) -> None:
+        self.workers = workers or ray_workers()
         self.cfg, self.storage, self.opts, self.fp, self.summary = cfg, storage, opts, fp, summary
         self.lease = lease  # checked every loop: a run that lost it stops at once (LeaseLost)
         # one policy for shard retries and for workers that die while starting
@@ -91,9 +98,12 @@ class _Scheduler:
         self.todo = deque(todo)
         self.delayed: list[tuple[float, ShardTask]] = []
         self.history: dict[str, list[str]] = {}
-        self.seq: dict[ShardTask, int] = {}
+        self.seq: dict[ShardTask, int] = {}  # the tasks in flight: their submission order
         self.counter = itertools.count()
         self.inflight: dict[Any, tuple[int, ShardTask]] = {}  # insertion order = submission order
+        self.per_slot: dict[int, int] = {}  # slot -> shards in flight there
+        # stems with a `_failed/` record (None: not listed, every commit removes one that may be there)
+        self.failed_records: set[str] | None = None
         self.watchdog = Watchdog(cfg.shard_timeout)
         self.probes: dict[int, Any] = {}  # slot -> its outstanding progress probe
         self.stop_signal = 0              # the signal that asked the run to stop (0: none)
@@ -148,7 +158,7 @@ class _Scheduler:
 
         shape = worker_shape(self.cfg, len(self.todo))
         self.summary.workers = shape.actors
-        actor_cls = make_actor_class(shape.num_gpus, shape.num_cpus, cpu_model=not shape.num_gpus)
+        actor_cls = self.workers.actor_class(shape)
         wcfg = WorkerConfig(
             output=self.cfg.output, model=model_spec(self.cfg), resize=self.cfg.resize,
             max_image_pixels=self.cfg.max_image_pixels, batch_size=self.cfg.batch_size,
@@ -158,7 +168,7 @@ class _Scheduler:
                                    self.cfg.meta_column),
             lease_token=self.lease.token if self.lease else None, fingerprint=self.fp,
         )
-        pool = ActorPool(actor_cls, wcfg, shape.actors, self.retry)
+        pool = ActorPool(actor_cls, wcfg, shape.actors, self.retry, self.workers.kill)
         mark("actors_created")
         return pool
 
@@ -180,7 +190,9 @@ class _Scheduler:
         if not waitable:
             time.sleep(0.05)
             return True
-        done, _ = ray.wait(waitable, num_returns=1, timeout=0.5)
+        done, rest = ray.wait(waitable, num_returns=1, timeout=0.5)
+        if done and rest:  # collect every call that has finished, not one per round
+            done += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
         for ref in done:
             if ref in self.inflight:  # else: an actor became ready (dispatched next round) or a re-queued shard
                 self._collect(ref)
@@ -190,7 +202,7 @@ class _Scheduler:
         """The result of one finished shard call (an actor's death or OOM kill becomes a failed one)."""
         import ray
 
-        slot, task = self.inflight.pop(ref)
+        slot, task = self._leave(ref)
         try:
             result = ray.get(ref)
         except Exception as e:  # noqa: BLE001 - actor death, OOM kill
@@ -198,16 +210,28 @@ class _Scheduler:
             if self.pool.replace_if_dead(slot):
                 task = self._drop_slot(slot, task)
         self.watchdog.started(slot, time.monotonic())  # the next one queued there starts
+        self.seq.pop(task, None)
         if result.reason is Reason.LEASE_LOST:
             raise LeaseLost(result.error or "lost the lease")
-        if self.lease:
-            self.lease.check(fresh=True)  # _handle writes to OUTPUT: only while we hold it
         self._handle(task, result)
+
+    def _leave(self, ref: Any) -> tuple[int, ShardTask]:
+        slot, task = self.inflight.pop(ref)
+        self.per_slot[slot] -= 1
+        return slot, task
+
+    def _fresh_lease(self) -> None:
+        """Before the driver writes to OUTPUT (a failure record, its removal): only while it holds
+        the lease (the workers fence their own commits)."""
+        if self.lease:
+            self.lease.check(fresh=True)
 
     def _dispatch(self) -> None:
         """Up to two shards in flight per ready worker (one running, one queued behind it)."""
+        if not self.todo:
+            return
         for slot in self.pool.ready_slots():
-            n = sum(1 for s, _ in self.inflight.values() if s == slot)
+            n = self.per_slot.get(slot, 0)
             if n == 0 and self.todo:
                 self.watchdog.started(slot, time.monotonic())
             while self.todo and n < 2:
@@ -215,14 +239,17 @@ class _Scheduler:
                 self.seq[task] = next(self.counter)
                 self.inflight[self.pool.actors[slot].process.remote(task)] = (slot, task)
                 n += 1
+            self.per_slot[slot] = n
 
     def _drop_slot(self, slot: int, task: ShardTask | None = None) -> ShardTask:
         """The worker of `slot` is gone: take its shards out of flight. The one it was running
         (the first submitted) is returned, to be charged; those queued behind it go back to the
         front of the queue, uncharged."""
         queued = [r for r, (s, _) in self.inflight.items() if s == slot]
-        order = ([task] if task else []) + [self.inflight.pop(r)[1] for r in queued]
+        order = ([task] if task else []) + [self._leave(r)[1] for r in queued]
         order.sort(key=lambda t: self.seq[t])
+        for t in order:
+            self.seq.pop(t, None)
         self.todo.extendleft(reversed(order[1:]))
         self.watchdog.forget(slot)
         self.probes.pop(slot, None)
@@ -289,7 +316,10 @@ class _Scheduler:
         self.summary.failed += 1
         self.summary.failures[task.stem] = f"{reason}: {error[:500]}"
         rec = FailureRecord(task.stem, redact_url(task.url), reason, error, task.attempt,
-                            dt.datetime.now(dt.timezone.utc).isoformat(), self.history.get(task.stem, []))
+                            dt.datetime.now(dt.timezone.utc).isoformat(), self.history.pop(task.stem, []))
+        self._fresh_lease()
+        if self.failed_records is not None:
+            self.failed_records.add(task.stem)
         try:
             self.storage.put_bytes(rec.to_json().encode(), failed_rel(task.stem))
         except OSError as e:  # the summary and exit status still report the failure
@@ -301,8 +331,13 @@ class _Scheduler:
         self.summary.images += m.rows
         self.summary.errors += m.errors
         self.summary.errors_by_reason.update(m.errors_by_reason)
-        try:
-            self.storage.delete(failed_rel(task.stem))
-        except OSError as e:
-            log.warning("could not remove the stale failure record of %s: %s", task.stem, e)
+        self.history.pop(task.stem, None)
+        if self.failed_records is None or task.stem in self.failed_records:
+            self._fresh_lease()
+            try:
+                self.storage.delete(failed_rel(task.stem))
+                if self.failed_records is not None:
+                    self.failed_records.discard(task.stem)
+            except OSError as e:
+                log.warning("could not remove the stale failure record of %s: %s", task.stem, e)
         self.bars.shard_done(m.rows, m.errors)

@@ -11,15 +11,39 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from .cluster import mark
+from .cluster import WorkerShape, mark
 from .plan import RunRefused
 from .protocol import Reason, ShardResult, ShardTask
 from .retry import RetryPolicy
 from .shard.processor import WorkerConfig
 
 log = logging.getLogger("wintok")
+
+
+@dataclass(frozen=True)
+class Workers:
+    """How the pool makes and ends its actors: `actor_class(shape)` gives a class whose
+    ``.options(name=...).remote(WorkerConfig)`` is a worker (methods ``process``, ``progress``,
+    ``pid``, ``close``), `kill(actor)` ends one. The default (`ray_workers`) is the Ray actor of
+    pipeline/worker.py; benchmarks/scale substitutes simulated ones that share a few processes."""
+
+    actor_class: Callable[[WorkerShape], Any]
+    kill: Callable[[Any], None]
+
+
+def ray_workers() -> Workers:
+    from .worker import make_actor_class
+
+    def kill(actor: Any) -> None:
+        import ray
+
+        ray.kill(actor, no_restart=True)
+
+    return Workers(lambda s: make_actor_class(s.num_gpus, s.num_cpus, cpu_model=not s.num_gpus), kill)
 
 
 class ActorPool:
@@ -32,8 +56,10 @@ class ActorPool:
     is given up. An exception raised while loading the model (bad checkpoint, wrong config) is
     the user's to fix and refuses the run at once, as does losing every slot."""
 
-    def __init__(self, actor_cls: Any, wcfg: WorkerConfig, n: int, restart: RetryPolicy) -> None:
+    def __init__(self, actor_cls: Any, wcfg: WorkerConfig, n: int, restart: RetryPolicy,
+                 kill: Callable[[Any], None] | None = None) -> None:
         self.actor_cls, self.wcfg, self.restart = actor_cls, wcfg, restart
+        self.kill = kill or ray_workers().kill
         self.prefix = f"wintok-worker-{os.getpid()}-{int(time.time())}"
         self.spawned = 0
         self.actors: list[Any] = []
@@ -90,12 +116,10 @@ class ActorPool:
             self.start_failures.pop(slot, None)
 
     def _start_died(self, slot: int, e: Exception) -> None:
-        import ray
-
         self.start_deaths += 1
         deaths = self.start_failures[slot] = self.start_failures.get(slot, 0) + 1
         cause = _start_death_cause(e)
-        ray.kill(self.actors[slot], no_restart=True)
+        self.kill(self.actors[slot])
         if deaths <= self.restart.retries:
             delay = self.restart.delay(deaths)
             log.warning("worker %d died while starting (%s); starting it again in %.1f s", slot, cause, delay)
@@ -121,9 +145,7 @@ class ActorPool:
 
     def replace(self, slot: int) -> None:
         """Kill the worker of `slot` (stuck, or dead already) and start another in its place."""
-        import ray
-
-        ray.kill(self.actors[slot], no_restart=True)
+        self.kill(self.actors[slot])
         self._spawn(slot)
 
     def shutdown(self, busy: set[int] | None = None) -> None:
@@ -144,7 +166,7 @@ class ActorPool:
         except Exception:  # noqa: BLE001 - dead actors: nothing to close
             pass
         for a in self.actors:
-            ray.kill(a, no_restart=True)
+            self.kill(a)
         deadline = time.monotonic() + 10
         for slot in busy:
             _await_dead(self.actors[slot], deadline)
