@@ -28,8 +28,12 @@ TWO = dict(batch_size=4, steps=4, checkpoint_every=2, losses={"entropy": 0.0})
 
 @pytest.fixture(scope="module")
 def ray_local():
+    """A local Ray of 2 CPUs: the suite's own when the e2e tests already started it (session-wide)."""
     import ray
 
+    if ray.is_initialized():
+        yield ray
+        return
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
