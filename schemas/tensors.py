@@ -124,8 +124,10 @@ def as_tensor_extension(batch: pa.Table | pa.RecordBatch) -> pa.Table:
         found = tensor_shape(col.type)
         if found is not None and not isinstance(col.type, pa.FixedShapeTensorType):
             shape, value_type = found
-            flat = tensor_to_numpy(col).reshape(len(col), -1)
-            storage = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=value_type), flat.shape[1])
+            values = _as_arrow(col)
+            for _ in shape:  # fixed-size lists flatten to slices of their values: no copy
+                values = values.flatten()
+            storage = pa.FixedSizeListArray.from_arrays(values, int(np.prod(shape)))
             col = pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(value_type, list(shape)), storage)
         cols.append(col)
     return pa.table(cols, names=table.column_names)

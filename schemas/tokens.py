@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .tensors import tensor_array, tensor_field, tensor_shape, tensor_to_numpy, tensor_type
+from .tensors import tensor_array, tensor_field, tensor_shape, tensor_to_numpy
 
 SCHEMA_VERSION = 2  # 2: tensor columns as nested fixed-size lists (schemas/tensors.py); 1: fixed_shape_tensor
 METADATA_KEY = b"wintok"
@@ -26,10 +26,6 @@ class TokenLayout:
     semantic_codes: int = 1 << 16                     # codes per group / level: uint16 up to 65536, else uint32
     teacher_dim: int | None = None                    # Dt of teacher_embedding
     teacher_patch_tokens: tuple[int, int] | None = None  # (Np, Dp), optional
-
-
-def _tensor(dtype: pa.DataType, shape: tuple[int, ...]) -> pa.DataType:
-    return tensor_type(dtype, shape)
 
 
 def tokens_schema(layout: TokenLayout, fingerprint: dict[str, Any] | None = None) -> pa.Schema:

@@ -132,3 +132,23 @@ def test_tensor_to_numpy_refuses_what_is_not_a_tensor():
         tensor_to_numpy(pa.array(["a", "b"]))
     with pytest.raises(ValueError, match="null"):
         tensor_to_numpy(pa.array([[1, 2], None]))
+
+
+def test_v1_files_still_read(tmp_path):
+    """Files written before schema v2 (arrow.fixed_shape_tensor) read through the same helpers."""
+    from schemas import column_to_numpy
+    from schemas.tokens import tensor_shapes
+
+    ids = np.arange(3 * 2 * 2 * 2, dtype=np.uint16).reshape(3, 2, 2, 2)
+    ext = pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.uint16(), [2, 2, 2]),
+                                         pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), 8))
+    pq.write_table(pa.table({"key": ["a", "b", "c"], "pixel_ids": ext}), tmp_path / "v1.parquet")
+    t = pq.read_table(tmp_path / "v1.parquet")
+    np.testing.assert_array_equal(column_to_numpy(t, "pixel_ids"), ids)
+    assert tensor_shapes(t.schema) == {"pixel_ids": (2, 2, 2)}
+
+
+def test_as_tensor_extension_gives_the_same_arrays(output):
+    t = pq.read_table(output / "shards", columns=["pixel_ids"])
+    ext = as_tensor_extension(t).column("pixel_ids").combine_chunks()
+    np.testing.assert_array_equal(ext.to_numpy_ndarray(), tensor_to_numpy(t.column("pixel_ids")))
