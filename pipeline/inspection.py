@@ -19,7 +19,6 @@ from schemas import tensor_to_numpy
 from .io import StorageOptions
 from .output import Output, OutputError
 from .status import status
-from .urls import redact_url
 
 # which id columns are counted, and where their codebook size is in the fingerprint
 ID_COLUMNS = ("pixel_ids", "semantic_ids")
@@ -162,9 +161,7 @@ def usage_png(report: Inspection, path: str) -> None:
 
 
 def render_json(report: Inspection) -> str:
-    d = report.to_dict()
-    d["output"] = redact_url(d["output"])
-    return json.dumps(d, indent=1, default=str)
+    return json.dumps(report.to_dict(), indent=1, default=str)  # status() already redacted the URL
 
 
 __all__ = ["Inspection", "Usage", "inspect_output", "render_json", "usage_png"]
